@@ -1,0 +1,59 @@
+# spillgate developer entry points. Every target creates/reuses .venv and installs what it
+# needs, so `make up` and `make test` work on a fresh machine with Python 3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "spillgate needs Python 3.11, found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# The main job. For now: one Triton-protocol replica simulator with the demo models.
+# (`spillgate up`, the local multi-region fleet, replaces it when it lands.)
+up: venv
+	$(BIN)/spillgate replica $(ARGS)
+
+replica: up
+
+# The whole test suite: lint, types, protobuf contract, generated code, tests.
+test: venv lint typecheck buf-lint protos-check pytest
+
+lint: venv
+	$(BIN)/ruff check services tests bench scripts
+	$(BIN)/ruff format --check services tests bench scripts
+
+typecheck: venv
+	$(BIN)/mypy
+
+buf-lint: venv
+	$(BIN)/buf lint
+
+# Regenerate services/spillgate/_proto from protos/ (commit the result).
+protos: venv
+	$(BIN)/python scripts/gen_protos.py
+
+# Fails when the committed generated code differs from what protos/ produces.
+protos-check: venv
+	$(BIN)/python scripts/gen_protos.py --check
+
+# Wire-compatibility check against main (for contract changes once main has protos).
+breaking: venv
+	$(BIN)/buf breaking --against '.git#branch=main'
+
+pytest: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python bench/replica_capacity.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""Shared fixtures: real processes on port 0, polled with deadlines (never slept on)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Call `check` until it returns a truthy value without raising, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except (AssertionError, OSError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last error: {last!r})")
+        time.sleep(interval)
+
+
+@dataclass
+class ReplicaProcess:
+    proc: subprocess.Popen[str]
+    grpc: str
+    metrics: str
+    output: list[str] = field(default_factory=list)
+    pump: threading.Thread | None = None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.close()
+
+    def close(self) -> int:
+        """Reap the output pump and the pipe of an exited process."""
+        self.proc.wait()
+        if self.pump is not None:
+            self.pump.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+_READY = re.compile(r"spillgate replica ready grpc=(\S+) metrics=(\S+)")
+
+
+def start_replica(*args: str, timeout: float = 30.0) -> ReplicaProcess:
+    """Start `spillgate replica` on free ports and wait for its ready line."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "spillgate.cli",
+        "replica",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
+    lines: list[str] = []
+    found: list[tuple[str, str]] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            m = _READY.search(line)
+            if m and not found:
+                found.append((m.group(1), m.group(2)))
+                ready.set()
+        ready.set()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    if not ready.wait(timeout) or not found:
+        proc.kill()
+        ReplicaProcess(proc, "", "", lines, thread).close()
+        raise RuntimeError("replica did not become ready:\n" + "".join(lines))
+    grpc_addr, metrics_addr = found[0]
+    return ReplicaProcess(proc, grpc_addr, metrics_addr, lines, thread)
+
+
+@pytest.fixture(scope="session")
+def replica() -> Iterator[ReplicaProcess]:
+    """One replica with the demo models, model time 20x faster than wall time."""
+    rp = start_replica("--speed", "20")
+    yield rp
+    rp.stop()
