@@ -16,7 +16,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ReplicaProcess, eventually
+from tests.conftest import ReplicaProcess, eventually, start_replica
 
 
 @pytest.fixture
@@ -529,3 +529,26 @@ async def test_aio_client_infer_and_stream(replica: ReplicaProcess) -> None:
         assert len(texts) == 1 and len(texts[0].split()) == 5  # excluded prompt, 5 tokens
     finally:
         await client.close()
+
+
+def test_stream_answers_non_decoupled_requests_in_order() -> None:
+    # With 100 ms added latency, a valid request finishes long after an invalid one that
+    # fails validation at once; Triton's stream handler still answers in request order.
+    rp = start_replica("--speed", "20")
+    s = Stream(rp.grpc)
+    try:
+        body = json.dumps({"added_latency_ms": 100}).encode()
+        req = urllib.request.Request(f"http://{rp.metrics}/faults", data=body, method="POST")
+        urllib.request.urlopen(req, timeout=5).close()
+        s.client.async_stream_infer("simple", simple_inputs(), request_id="slow")
+        s.client.async_stream_infer("simple", simple_inputs()[:1], request_id="invalid")
+        s.client.async_stream_infer("simple", simple_inputs(), request_id="last")
+        first, error = s.get()
+        assert error is None and first.get_response().id == "slow"
+        second, error = s.get()
+        assert second is None and "expected 2 inputs" in str(error)
+        third, error = s.get()
+        assert error is None and third.get_response().id == "last"
+    finally:
+        s.close()
+        rp.stop()

@@ -354,25 +354,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return result
 
     async def _stream_one(
-        self, msg: pb.ModelInferRequest, out: asyncio.Queue[pb.ModelStreamInferResponse]
+        self,
+        msg: pb.ModelInferRequest,
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        after: asyncio.Event | None,
+        done: asyncio.Event,
     ) -> None:
+        """Run one stream request. Non-decoupled requests answer in request order (`after`
+        is the previous such request's `done`), as Triton's stream handler does."""
         empty_final = bool(
             msg.parameters["triton_enable_empty_final_response"].bool_param
             if "triton_enable_empty_final_response" in msg.parameters
             else False
         )
+        held: list[pb.ModelStreamInferResponse] = []
+
+        def emit(item: pb.ModelStreamInferResponse) -> None:
+            if after is None or after.is_set():
+                out.put_nowait(item)
+            else:
+                held.append(item)
+
         try:
             async for model, req, resp in self._run(msg, stream=True):
                 if resp.final and not resp.outputs and not empty_final:
                     continue
                 wire = self._to_wire(model, req, resp)
                 wire.parameters["triton_final_response"].bool_param = resp.final
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=wire))
+                emit(pb.ModelStreamInferResponse(infer_response=wire))
         except TritonError as exc:
-            out.put_nowait(_stream_error(msg, exc.message))
+            emit(_stream_error(msg, exc.message))
         except Exception:
             log.exception("model %r failed", msg.model_name)
-            out.put_nowait(_stream_error(msg, _INTERNAL))
+            emit(_stream_error(msg, _INTERNAL))
+        finally:
+            if after is not None:
+                await after.wait()
+            for item in held:
+                out.put_nowait(item)
+            done.set()
 
     async def ModelStreamInfer(
         self, request_iterator: Any, context: Any
@@ -381,8 +401,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         tasks: set[asyncio.Task[None]] = set()
 
         async def read() -> None:
+            ordered: asyncio.Event | None = None  # `done` of the last non-decoupled request
             async for msg in request_iterator:
-                task = asyncio.ensure_future(self._stream_one(msg, out))
+                done = asyncio.Event()
+                model = self.repo.loaded.get(msg.model_name)
+                if model is not None and model.backend.decoupled:
+                    after = None
+                else:
+                    after, ordered = ordered, done
+                task = asyncio.ensure_future(self._stream_one(msg, out, after, done))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             while tasks:
