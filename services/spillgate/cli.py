@@ -70,6 +70,12 @@ def _generate(args: argparse.Namespace) -> int:
     return generate(args.url, args.model, args.prompt, args.max_tokens)
 
 
+def _registry(args: argparse.Namespace) -> int:
+    from spillgate.registry.app import main as registry_main
+
+    return registry_main(args.rest)  # the only action so far: serve
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spillgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,6 +106,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="llm-small")
     g.add_argument("--max-tokens", type=int, default=32)
     g.set_defaults(func=_generate)
+    reg = sub.add_parser(
+        "registry",
+        help="the fleet's source of truth: `spillgate registry serve --db FILE [--port N]`",
+    )
+    reg.add_argument("action", choices=("serve",))
+    reg.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (--help)")
+    reg.set_defaults(func=_registry)
     return p
 
 

@@ -130,6 +130,17 @@ class SQLiteStore(Store):
         copy.CopyFrom(entity)
         return copy
 
+    def read(self, key: Key) -> tuple[registry_pb2.Entity, int]:
+        """The entity at `key` and the revision it was read at; raises NotFound."""
+        with self._lock:
+            self._refresh()
+            entity, revision = self._state.get(key), self._revision
+        if entity is None:
+            raise NotFound(key)
+        copy = registry_pb2.Entity()
+        copy.CopyFrom(entity)
+        return copy, revision
+
     def snapshot(self) -> registry_pb2.Snapshot:
         """The full state at the current revision."""
         with self._lock:

@@ -176,6 +176,18 @@ class Store(abc.ABC):
     def get(self, key: Key) -> registry_pb2.Entity:
         """The entity at `key`; raises NotFound when absent."""
 
+    def read(self, key: Key) -> tuple[registry_pb2.Entity, int]:
+        """The entity at `key` with the revision it was read at (one consistent read).
+
+        Raises NotFound when absent. Callers doing read-modify-write pass the revision as
+        `expected_revision`. This default reads a full snapshot; stores should override it.
+        """
+        snapshot = self.snapshot()
+        entity = state_from_snapshot(snapshot).get(key)
+        if entity is None:
+            raise NotFound(key)
+        return entity, snapshot.revision
+
     @abc.abstractmethod
     def snapshot(self) -> registry_pb2.Snapshot:
         """The full state at the current revision, consistent (one revision)."""

@@ -1,0 +1,90 @@
+"""`spillgate registry serve`: run the registry gRPC service on a SQLite file until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from spillgate._proto import registry_pb2, registry_pb2_grpc
+from spillgate.registry.service import RegistryServicer, ServiceConfig
+from spillgate.registry.sqlite_store import SQLiteStore
+
+SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+
+async def run(
+    db_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    stop_event: asyncio.Event | None = None,
+    config: ServiceConfig | None = None,
+) -> None:
+    """Serve the registry until `stop_event` is set or SIGINT/SIGTERM arrives.
+
+    Prints one ready line, `spillgate registry ready grpc=HOST:PORT revision=N`, once the
+    port is bound (port 0 picks a free one).
+    """
+    stop = stop_event or asyncio.Event()
+    store = SQLiteStore(db_path)
+    servicer = RegistryServicer(store, config)
+    server = grpc.aio.server()
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server
+    )
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {host}:{port}")
+        await servicer.start()
+        await server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        print(
+            f"spillgate registry ready grpc={host}:{bound} revision={store.revision()}",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=1.0)
+        await servicer.close()
+        store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `--db PATH [--host H] [--port N] [--lease-check-ms N]` and serve; returns 0."""
+    parser = argparse.ArgumentParser(prog="spillgate registry serve")
+    parser.add_argument("--db", required=True, help="SQLite file (created if missing)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7070, help="gRPC port; 0 = any free port")
+    parser.add_argument(
+        "--lease-check-ms",
+        type=int,
+        default=ServiceConfig.lease_check_ms,
+        help="how often replica leases are checked",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = ServiceConfig(lease_check_ms=args.lease_check_ms)
+    asyncio.run(run(args.db, args.host, args.port, config=config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
