@@ -21,8 +21,8 @@ def _replica(args: argparse.Namespace) -> int:
         print(f"spillgate replica: {exc}", file=sys.stderr)
         return 2
     if args.speed is not None:
-        if args.speed <= 0:
-            print("spillgate replica: --speed must be > 0", file=sys.stderr)
+        if not 0 < args.speed < float("inf"):  # also refuses NaN
+            print("spillgate replica: --speed must be a finite number > 0", file=sys.stderr)
             return 2
         config = type(config)(args.speed, config.seed, config.load, config.llms)
     listen = Listen(args.host, args.grpc_port, args.metrics_port)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,31 @@ class ConfigError(ValueError):
     """A replica config file is invalid; the message names the file and the field."""
 
 
-def _llm(name: str, table: dict[str, Any], where: str) -> LLMSettings:
+def _check_types(table: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
+    """Each value must have its field's type: TOML `15` is fine for a float, `"15"` is not."""
+    for key, value in table.items():
+        want = type(defaults[key])
+        if want is bool:
+            ok = isinstance(value, bool)
+        elif want is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)
+        else:
+            ok = isinstance(value, want) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{where}: {key} must be a finite {want.__name__}, got {value!r}")
+
+
+def _llm(name: str, table: Any, where: str) -> LLMSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [llm.{name}] must be a table")
     engine_keys = {f.name for f in fields(EngineConfig)}
     llm_keys = {f.name for f in fields(LLMSettings)} - {"engine"}
     unknown = sorted(set(table) - engine_keys - llm_keys)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [llm.{name}]: {', '.join(unknown)}")
+    defaults = {**asdict(EngineConfig()), **asdict(LLMSettings(EngineConfig()))}
+    _check_types(table, defaults, f"{where}: [llm.{name}]")
     try:
         engine = EngineConfig(**{k: v for k, v in table.items() if k in engine_keys})
         engine.validate()
@@ -56,8 +76,8 @@ def parse(text: str, where: str) -> ReplicaConfig:
     unknown = sorted(set(data) - {"speed", "seed", "load", "llm"})
     if unknown:
         raise ConfigError(f"{where}: unknown key(s): {', '.join(unknown)}")
-    speed = data.get("speed", 1.0)
-    if not isinstance(speed, int | float) or speed <= 0:
+    speed = data.get("speed", 1.0)  # NaN fails the range check too
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 < speed < math.inf:
         raise ConfigError(f"{where}: speed must be a number > 0, got {speed!r}")
     seed = data.get("seed", 0)
     if not isinstance(seed, int):

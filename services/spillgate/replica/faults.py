@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -42,15 +43,20 @@ class Faults:
         if unknown:
             raise ValueError(f"unknown fault setting(s): {', '.join(unknown)}")
         merged = {**asdict(self.settings), **{k: v for k, v in changes.items() if k != "crash"}}
-        try:
-            candidate = FaultSettings(
-                error_rate=float(merged["error_rate"]),
-                added_latency_ms=float(merged["added_latency_ms"]),
-                stall=bool(merged["stall"]),
-                slow_factor=float(merged["slow_factor"]),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad fault value: {exc}") from None
+        for key, value in merged.items():
+            if key == "stall":
+                if not isinstance(value, bool):
+                    raise ValueError("stall must be true or false")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number")
+            elif not math.isfinite(value):
+                raise ValueError(f"{key} must be finite")
+        candidate = FaultSettings(
+            error_rate=float(merged["error_rate"]),
+            added_latency_ms=float(merged["added_latency_ms"]),
+            stall=merged["stall"],
+            slow_factor=float(merged["slow_factor"]),
+        )
         candidate.validate()
         self.settings = candidate
         if candidate.stall:

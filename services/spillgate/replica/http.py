@@ -16,9 +16,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from spillgate.replica.faults import Faults
+from spillgate.replica.metrics import render
 
 CRASH_EXIT_CODE = 70
 _MAX_BODY = 64 * 1024
@@ -73,7 +74,7 @@ class AdminHTTP:
         if path == "/metrics":
             if method != "GET":
                 return 405, "text/plain", b"use GET\n"
-            return 200, "text/plain; version=0.0.4", generate_latest(self._registry)
+            return 200, "text/plain; version=0.0.4", render(self._registry)
         if path == "/faults":
             if method == "GET":
                 return 200, "application/json", json.dumps(asdict(self._faults.settings)).encode()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -73,6 +73,20 @@ class RepositoryCollector(Collector):
                 add("vllm:prefix_cache_hits", labels, e.prefix_hits_tokens)
             add("nv_inference_pending_request_count", labels, pending)
         yield from families.values()
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format, with Triton's counter names in the HELP/TYPE lines.
+
+    prometheus_client names a counter family `<name>_total` in its header lines; Triton's
+    counters carry no `_total`, so those headers are renamed to match their samples.
+    """
+    text = generate_latest(registry).decode()
+    for name, _, typ in _TRITON:
+        if typ == "counter":
+            text = text.replace(f"# HELP {name}_total ", f"# HELP {name} ")
+            text = text.replace(f"# TYPE {name}_total counter", f"# TYPE {name} counter")
+    return text.encode()
 
 
 def make_registry(repository: Repository) -> CollectorRegistry:

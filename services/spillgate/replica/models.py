@@ -162,7 +162,7 @@ class AddSub(Backend):
         if a.dtype == np.object_:
             try:
                 x, y = a.astype(np.int64), b.astype(np.int64)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise invalid_arg(
                     f"unable to parse the string inputs of model '{self.config.name}' as integers"
                 ) from None

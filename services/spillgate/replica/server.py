@@ -268,6 +268,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         model = self.repo.get(msg.model_name, msg.model_version)
         params: Params = {k: _param_value(v) for k, v in msg.parameters.items()}
         _check_params(params)
+        if "sequence_id" in msg.parameters and msg.parameters["sequence_id"].WhichOneof(
+            "parameter_choice"
+        ) not in ("int64_param", "string_param"):
+            raise invalid_arg(
+                "invalid value type for 'sequence_id' parameter, expected int64_param or "
+                "string_param."
+            )
         decoded = decode_inputs(msg)
         requested = [o.name for o in msg.outputs]
         arrays, batch = validate(model.config, decoded, requested, msg.id)
@@ -400,7 +407,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
+        broken: list[str] = []
+
         async def read() -> None:
+            try:
+                await read_requests()
+            except Exception:  # an undecodable message ends the stream, not the server
+                log.warning("ModelStreamInfer: unreadable request message", exc_info=True)
+                broken.append("unable to parse a ModelStreamInfer request message")
+            finally:
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                out.put_nowait(None)
+
+        async def read_requests() -> None:
             ordered: asyncio.Event | None = None  # `done` of the last non-decoupled request
             async for msg in request_iterator:
                 done = asyncio.Event()
@@ -412,14 +432,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 task = asyncio.ensure_future(self._stream_one(msg, out, after, done))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            out.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:
             while (item := await out.get()) is not None:
                 yield item
+            if broken:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, broken[0])
         finally:
             reader.cancel()
             for task in list(tasks):
@@ -453,7 +472,10 @@ async def serve(
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises instead of returning 0 when the port is taken
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
     await server.start()

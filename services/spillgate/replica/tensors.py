@@ -6,6 +6,7 @@ Inputs arrive either as `raw_input_contents` (what tritonclient sends) or as typ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,9 @@ NP_DTYPES: dict[str, Any] = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
+
+# No message can carry more elements than this (the gRPC message limit is far lower).
+_MAX_ELEMENTS = 2**31
 
 # InferTensorContents field holding each datatype when sent typed instead of raw.
 _CONTENTS_FIELD = {
@@ -67,7 +71,14 @@ class OutputTensor:
 def _decode(tensor: Any, raw: bytes | None, model: str) -> np.ndarray[Any, Any]:
     dtype = tensor.datatype
     shape = tuple(int(d) for d in tensor.shape)
-    count = int(np.prod(shape)) if shape else 1
+    if any(d < 0 for d in shape):
+        raise invalid_arg(
+            f"All input dimensions should be specified for input '{tensor.name}' for model "
+            f"'{model}', got [{','.join(str(d) for d in shape)}]"
+        )
+    count = math.prod(shape)  # Python ints: no silent 64-bit wrap-around
+    if count > _MAX_ELEMENTS:
+        raise invalid_arg(f"input '{tensor.name}' for model '{model}' has too many elements")
     if dtype not in NP_DTYPES:
         raise invalid_arg(f"invalid datatype '{dtype}' for input '{tensor.name}'")
     if raw is not None:
