@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import queue
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -552,3 +554,28 @@ def test_stream_answers_non_decoupled_requests_in_order() -> None:
     finally:
         s.close()
         rp.stop()
+
+
+def test_generate_cli_streams_text_and_reports_token_counts(replica: ReplicaProcess) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spillgate.cli",
+            "generate",
+            "--url",
+            replica.grpc,
+            "--max-tokens",
+            "5",
+            "count my tokens please",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "4 prompt + " in summary
+    n_out = int(summary.split("+ ")[1].split(" ")[0])
+    assert 1 <= n_out <= 5
+    assert len(done.stdout.strip().splitlines()[0].split()) == n_out

@@ -35,6 +35,7 @@ def generate(url: str, model: str, prompt: str, max_tokens: int) -> int:
         inputs.append(tensor)
     start = time.perf_counter()
     first: float | None = None
+    n_out = 0
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         client.async_stream_infer(model, inputs, request_id="generate-1")
@@ -47,11 +48,11 @@ def generate(url: str, model: str, prompt: str, max_tokens: int) -> int:
             text = result.as_numpy("text_output")
             sys.stdout.write(text[0].decode())
             sys.stdout.flush()
+            n_out += int(result.as_numpy("num_output_tokens")[0])  # a delta per response
             final = result.get_response().parameters["triton_final_response"].bool_param
             if final:
                 reason = result.as_numpy("finish_reason")[0].decode()
                 n_in = int(result.as_numpy("num_input_tokens")[0])
-                n_out = int(result.as_numpy("num_output_tokens")[0])
                 break
     except (InferenceServerException, queue.Empty) as exc:
         print(f"\nspillgate generate: {exc}", file=sys.stderr)
