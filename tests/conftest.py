@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -36,21 +37,22 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
 
 
 @dataclass
-class ReplicaProcess:
+class ServiceProcess:
+    """A spillgate process started by a test, with its ready-line fields and output."""
+
     proc: subprocess.Popen[str]
-    grpc: str
-    metrics: str
+    ready: tuple[str, ...]  # the groups of the ready-line pattern
     output: list[str] = field(default_factory=list)
     pump: threading.Thread | None = None
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the process (if running), wait for it (kill after 10 s), reap its pipe."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
         return self.close()
 
     def close(self) -> int:
@@ -63,37 +65,30 @@ class ReplicaProcess:
         return self.proc.returncode
 
 
-_READY = re.compile(r"spillgate replica ready grpc=(\S+) metrics=(\S+)")
-
-
-def start_replica(*args: str, timeout: float = 30.0) -> ReplicaProcess:
-    """Start `spillgate replica` on free ports and wait for its ready line."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "spillgate.cli",
-        "replica",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "0",
-        *args,
-    ]
+def start_service(
+    args: list[str], ready_line: re.Pattern[str], timeout: float = 30.0
+) -> ServiceProcess:
+    """Run `python -m <args>` and wait for a line matching `ready_line` (or fail with output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     lines: list[str] = []
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, ...]] = []
     ready = threading.Event()
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            m = _READY.search(line)
+            m = ready_line.search(line)
             if m and not found:
-                found.append((m.group(1), m.group(2)))
+                found.append(m.groups())
                 ready.set()
         ready.set()
 
@@ -101,10 +96,29 @@ def start_replica(*args: str, timeout: float = 30.0) -> ReplicaProcess:
     thread.start()
     if not ready.wait(timeout) or not found:
         proc.kill()
-        ReplicaProcess(proc, "", "", lines, thread).close()
-        raise RuntimeError("replica did not become ready:\n" + "".join(lines))
-    grpc_addr, metrics_addr = found[0]
-    return ReplicaProcess(proc, grpc_addr, metrics_addr, lines, thread)
+        ServiceProcess(proc, (), lines, thread).close()
+        raise RuntimeError(f"{args[0]} did not become ready:\n" + "".join(lines))
+    return ServiceProcess(proc, found[0], lines, thread)
+
+
+class ReplicaProcess(ServiceProcess):
+    @property
+    def grpc(self) -> str:
+        return self.ready[0]
+
+    @property
+    def metrics(self) -> str:
+        return self.ready[1]
+
+
+_READY = re.compile(r"spillgate replica ready grpc=(\S+) metrics=(\S+)")
+
+
+def start_replica(*args: str, timeout: float = 30.0) -> ReplicaProcess:
+    """Start `spillgate replica` on free ports and wait for its ready line."""
+    cli = ["spillgate.cli", "replica", "--grpc-port", "0", "--metrics-port", "0", *args]
+    sp = start_service(cli, _READY, timeout)
+    return ReplicaProcess(sp.proc, sp.ready, sp.output, sp.pump)
 
 
 @pytest.fixture(scope="session")

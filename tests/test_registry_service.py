@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,7 +17,7 @@ from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
-from tests.conftest import ROOT, eventually
+from tests.conftest import ServiceProcess, eventually, start_service
 
 REGION = registry_pb2.ENTITY_KIND_REGION
 MODEL = registry_pb2.ENTITY_KIND_MODEL
@@ -32,56 +28,21 @@ DIGEST = "sha256:" + "ab" * 32
 _READY_LINE = re.compile(r"spillgate registry ready grpc=(\S+) revision=(\d+)")
 
 
-@dataclass
-class Registry:
-    proc: subprocess.Popen[str]
-    address: str
-    output: list[str] = field(default_factory=list)
-    pump: threading.Thread | None = None
+class Registry(ServiceProcess):
+    @property
+    def address(self) -> str:
+        return self.ready[0]
 
     def stub(self) -> Iterator[registry_pb2_grpc.RegistryServiceStub]:
         with grpc.insecure_channel(self.address) as channel:
             yield registry_pb2_grpc.RegistryServiceStub(channel)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=10)
-        if self.pump is not None:
-            self.pump.join(timeout=10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
-
 
 def start_registry(db: Path, timeout: float = 20.0) -> Registry:
     """Start `python -m spillgate.registry.app` on a free port; wait for its ready line."""
-    cmd = [sys.executable, "-m", "spillgate.registry.app", "--db", str(db), "--port", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
-    )
-    lines: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            m = _READY_LINE.search(line)
-            if m and not found:
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    if not ready.wait(timeout) or not found:
-        proc.kill()
-        Registry(proc, "", lines, thread).stop()
-        raise RuntimeError("registry did not become ready:\n" + "".join(lines))
-    return Registry(proc, found[0], lines, thread)
+    args = ["spillgate.registry.app", "--db", str(db), "--port", "0"]
+    sp = start_service(args, _READY_LINE, timeout)
+    return Registry(sp.proc, sp.ready, sp.output, sp.pump)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ROOT, ReplicaProcess, eventually, start_replica
+from tests.triton_helpers import final_flag, llm_inputs, simple_inputs
 
 DEFAULTS = {"error_rate": 0.0, "added_latency_ms": 0.0, "stall": False, "slow_factor": 1.0}
 
@@ -92,34 +93,10 @@ def metric(rp: ReplicaProcess, name: str, model: str, **labels: str) -> float:
     raise AssertionError(f"{name}{want} not exported")
 
 
-def tensor(name: str, value: np.ndarray[Any, Any], dtype: str) -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(value)
-    return t
-
-
-def simple_inputs() -> list[grpcclient.InferInput]:
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    return [tensor("INPUT0", a, "INT32"), tensor("INPUT1", np.ones_like(a), "INT32")]
-
-
 def assert_simple_result(result: Any) -> None:
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     assert (result.as_numpy("OUTPUT0") == a + 1).all()
     assert (result.as_numpy("OUTPUT1") == a - 1).all()
-
-
-def llm_inputs(prompt: str, max_tokens: int) -> list[grpcclient.InferInput]:
-    params = json.dumps({"max_tokens": max_tokens, "ignore_eos": True}).encode()
-    return [
-        tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
-        tensor("stream", np.array([True]), "BOOL"),
-        tensor("sampling_parameters", np.array([params], dtype=np.object_), "BYTES"),
-    ]
-
-
-def final_flag(result: Any) -> bool:
-    return bool(result.get_response().parameters["triton_final_response"].bool_param)
 
 
 # -- error_rate ------------------------------------------------------------------------------
@@ -215,7 +192,7 @@ def timed_stream(url: str, prompt: str) -> float:
         c.start_stream(callback=lambda result, error: results.put((result, error)))
         assert c.is_model_ready("llm-det")
         start = time.perf_counter()
-        c.async_stream_infer("llm-det", llm_inputs(prompt, 16))
+        c.async_stream_infer("llm-det", llm_inputs(prompt, True, 16))
         tokens = 0
         while True:
             result, error = results.get(timeout=30)

@@ -7,13 +7,10 @@ the queue-overflow test starts a replica with its own config.
 from __future__ import annotations
 
 import itertools
-import json
-import queue
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spillgate.core.prefix import tokenize
 from tests.conftest import ReplicaProcess, eventually, start_replica
+from tests.triton_helpers import Stream, final_flag, llm_inputs, tensor
 
 TRITON_NAMES = (
     "nv_inference_request_success",
@@ -70,53 +68,6 @@ def value(samples: Samples, name: str, model: str, **labels: str) -> float:
     key = (name, frozenset({"model": model, "version": "1", **labels}.items()))
     assert key in samples, f"{name} for {model} {labels} not exported"
     return samples[key]
-
-
-def tensor(name: str, array: np.ndarray[Any, Any], dtype: str) -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, list(array.shape), dtype)
-    t.set_data_from_numpy(array)
-    return t
-
-
-def llm_inputs(prompt: str, max_tokens: int) -> list[grpcclient.InferInput]:
-    params = json.dumps({"max_tokens": max_tokens, "ignore_eos": True}).encode()
-    return [
-        tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
-        tensor("stream", np.array([True]), "BOOL"),
-        tensor("sampling_parameters", np.array([params], dtype=np.object_), "BYTES"),
-    ]
-
-
-def final_flag(result: Any) -> bool:
-    return bool(result.get_response().parameters["triton_final_response"].bool_param)
-
-
-class Stream:
-    """A tritonclient stream whose callbacks land in a queue."""
-
-    def __init__(self, url: str) -> None:
-        self.client: Any = grpcclient.InferenceServerClient(url)
-        self.events: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.events.put((result, error)))
-
-    def get(self) -> tuple[Any, Any]:
-        return self.events.get(timeout=30)
-
-    def finish(self, model: str, inputs: list[grpcclient.InferInput]) -> Any:
-        """Send one request and wait for its final response."""
-        self.client.async_stream_infer(model, inputs)
-        while True:
-            result, error = self.get()
-            assert error is None, error
-            if final_flag(result):
-                return result
-
-    def close(self) -> None:
-        """Half-close the stream and wait for the server to end it (idempotent)."""
-        if self.client is not None:
-            self.client.stop_stream()
-            self.client.close()
-            self.client = None
 
 
 # -- exposition ------------------------------------------------------------------------------
@@ -222,7 +173,7 @@ def test_prefix_cache_hits_on_the_second_identical_prompt(replica: ReplicaProces
     try:
         snapshots = [scrape(replica)]
         for _ in range(2):
-            s.finish("llm-small", llm_inputs(prompt, 2))
+            s.finish("llm-small", llm_inputs(prompt, True, 2))
             snapshots.append(scrape(replica))
     finally:
         s.close()
@@ -258,7 +209,9 @@ def test_full_slots_queue_and_overflow_is_rejected(tmp_path: Path) -> None:
     try:
         # 6 tokens = 10 + 5 x 2000 model ms = ~500 ms wall each: r1 waits for r0's slot.
         for i in range(3):
-            s.client.async_stream_infer("llm-one", llm_inputs(f"req {i}", 6), request_id=f"r{i}")
+            s.client.async_stream_infer(
+                "llm-one", llm_inputs(f"req {i}", True, 6), request_id=f"r{i}"
+            )
 
         def queued() -> bool:
             samples = scrape(rp)

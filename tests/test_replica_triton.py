@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
 import urllib.request
@@ -19,6 +18,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ReplicaProcess, eventually, start_replica
+from tests.triton_helpers import Stream, final_flag, llm_inputs, simple_inputs, tensor
 
 
 @pytest.fixture
@@ -26,19 +26,6 @@ def client(replica: ReplicaProcess) -> Iterator[grpcclient.InferenceServerClient
     c = grpcclient.InferenceServerClient(replica.grpc)
     yield c
     c.close()
-
-
-def tensor(name: str, value: np.ndarray[Any, Any], dtype: str, mod: Any = grpcclient) -> Any:
-    t = mod.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(value)
-    return t
-
-
-def simple_inputs(dtype: str = "INT32", batch: int = 1, mod: Any = grpcclient) -> list[Any]:
-    np_dtype = {"INT32": np.int32, "INT8": np.int8}[dtype]
-    a = np.arange(16, dtype=np_dtype).reshape(1, 16).repeat(batch, axis=0)
-    b = np.ones((batch, 16), dtype=np_dtype)
-    return [tensor("INPUT0", a, dtype, mod), tensor("INPUT1", b, dtype, mod)]
 
 
 def error_of(fn: Any, *args: Any, **kwargs: Any) -> InferenceServerException:
@@ -361,30 +348,12 @@ def test_unloaded_and_bad_version_lookups(client: grpcclient.InferenceServerClie
 # -- streaming -------------------------------------------------------------------------------
 
 
-class Stream:
-    def __init__(self, url: str) -> None:
-        self.client = grpcclient.InferenceServerClient(url)
-        self.results: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
-
-    def get(self) -> tuple[Any, Any]:
-        return self.results.get(timeout=30)
-
-    def close(self) -> None:
-        self.client.stop_stream()
-        self.client.close()
-
-
 def repeat_inputs(values: list[int], delay_ms: int = 0, wait_ms: int = 0) -> list[Any]:
     return [
         tensor("IN", np.array(values, np.int32), "INT32"),
         tensor("DELAY", np.array([delay_ms] * len(values), np.uint32), "UINT32"),
         tensor("WAIT", np.array([wait_ms], np.uint32), "UINT32"),
     ]
-
-
-def final_flag(result: Any) -> bool:
-    return bool(result.get_response().parameters["triton_final_response"].bool_param)
 
 
 def test_decoupled_repeat_streams_one_response_per_element(replica: ReplicaProcess) -> None:
@@ -422,20 +391,6 @@ def test_stream_errors_keep_the_stream_open(replica: ReplicaProcess) -> None:
         assert final_flag(result)  # non-decoupled models answer once, marked final
     finally:
         s.close()
-
-
-def llm_inputs(
-    prompt: str, stream: bool, max_tokens: int, mod: Any = grpcclient, **flags: bool
-) -> list[Any]:
-    params = json.dumps({"max_tokens": max_tokens, "ignore_eos": True}).encode()
-    out = [
-        tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES", mod),
-        tensor("stream", np.array([stream]), "BOOL", mod),
-        tensor("sampling_parameters", np.array([params], dtype=np.object_), "BYTES", mod),
-    ]
-    for name, value in flags.items():
-        out.append(tensor(name, np.array([value]), "BOOL", mod))
-    return out
 
 
 def test_llm_streaming_returns_deltas_and_token_counts(replica: ReplicaProcess) -> None:
