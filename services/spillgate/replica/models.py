@@ -141,6 +141,8 @@ class Backend:
         self.config = config
         self.decoupled = config.model_transaction_policy.decoupled
         self.sequence = config.HasField("sequence_batching")
+        # Looked up once: outputs are built on every response (every token for an LLM).
+        self._output_dtypes = {o.name: config_dtype(o.data_type) for o in config.output}
 
     async def execute(self, request: Request) -> AsyncIterator[Response]:
         raise NotImplementedError
@@ -150,8 +152,7 @@ class Backend:
         """Release what the backend holds (called on unload)."""
 
     def output(self, name: str, value: np.ndarray[Any, Any]) -> OutputTensor:
-        spec = next(o for o in self.config.output if o.name == name)
-        return OutputTensor(name, value, config_dtype(spec.data_type))
+        return OutputTensor(name, value, self._output_dtypes[name])
 
 
 class AddSub(Backend):
