@@ -217,8 +217,9 @@ def test_slow_factor_makes_llm_time_run_slower(tmp_path: Path) -> None:
         assert baseline >= LLM_MODEL_MS / 1000 / 20
         assert set_faults(rp, slow_factor=4)["slow_factor"] == 4.0
         slow = timed_stream(rp.grpc, "how long does this take")
-        assert slow >= 4 * LLM_MODEL_MS / 1000 / 20  # a lower bound: model time is exact
-        assert slow / baseline > 2, (baseline, slow)
+        # Lower bounds only (model time is exact; wall-clock upper bounds would be flaky):
+        # without slow mode this stream takes ~1/4 of that.
+        assert slow >= 4 * LLM_MODEL_MS / 1000 / 20, (baseline, slow)
         assert set_faults(rp, slow_factor=1)["slow_factor"] == 1.0
     finally:
         rp.stop()
