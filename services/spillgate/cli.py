@@ -71,9 +71,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from spillgate.registry.app import main as registry_main
+    from spillgate.registry.cli import main as registry_main
 
-    return registry_main(args.rest)  # the only action so far: serve
+    return registry_main(args.rest)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,15 +108,21 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
     reg = sub.add_parser(
         "registry",
-        help="the fleet's source of truth: `spillgate registry serve --db FILE [--port N]`",
+        help="the fleet's source of truth: serve, apply -f FILE, get, watch, delete",
+        add_help=False,
     )
-    reg.add_argument("action", choices=("serve",))
-    reg.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (--help)")
+    reg.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate registry --help`")
     reg.set_defaults(func=_registry)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["registry"]:
+        # The registry has its own subcommands and options (incl. --help).
+        from spillgate.registry.cli import main as registry_main
+
+        return registry_main(argv[1:])
     args = parser().parse_args(argv)
     code: int = args.func(args)
     return code
