@@ -104,7 +104,8 @@ class RegistryServiceServicer:
         """Creates or replaces one entity (CAS with expected_revision). Versions are immutable:
         re-putting an existing version with different content fails with FAILED_PRECONDITION
         (an identical put is a no-op that keeps the revision). INVALID_ARGUMENT when the entity
-        is malformed or references something that does not exist.
+        is malformed; FAILED_PRECONDITION naming what is missing when it references an entity
+        that does not exist. Replicas written here get no lease (use RegisterReplica).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -59,7 +59,8 @@ class RegistryServiceStub:
     """Creates or replaces one entity (CAS with expected_revision). Versions are immutable:
     re-putting an existing version with different content fails with FAILED_PRECONDITION
     (an identical put is a no-op that keeps the revision). INVALID_ARGUMENT when the entity
-    is malformed or references something that does not exist.
+    is malformed; FAILED_PRECONDITION naming what is missing when it references an entity
+    that does not exist. Replicas written here get no lease (use RegisterReplica).
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteRequest, _registry_pb2.DeleteResponse]
     """Deletes one entity (CAS with expected_revision). Deleting an absent key is OK with
@@ -98,7 +99,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Creates or replaces one entity (CAS with expected_revision). Versions are immutable:
     re-putting an existing version with different content fails with FAILED_PRECONDITION
     (an identical put is a no-op that keeps the revision). INVALID_ARGUMENT when the entity
-    is malformed or references something that does not exist.
+    is malformed; FAILED_PRECONDITION naming what is missing when it references an entity
+    that does not exist. Replicas written here get no lease (use RegisterReplica).
     """
     Delete: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteRequest, _registry_pb2.DeleteResponse]  # type: ignore[assignment]
     """Deletes one entity (CAS with expected_revision). Deleting an absent key is OK with
@@ -152,7 +154,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates or replaces one entity (CAS with expected_revision). Versions are immutable:
         re-putting an existing version with different content fails with FAILED_PRECONDITION
         (an identical put is a no-op that keeps the revision). INVALID_ARGUMENT when the entity
-        is malformed or references something that does not exist.
+        is malformed; FAILED_PRECONDITION naming what is missing when it references an entity
+        that does not exist. Replicas written here get no lease (use RegisterReplica).
         """
 
     @_abc_1.abstractmethod
