@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench clean
+.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry clean
 
 venv: $(STAMP)
 
@@ -52,8 +52,15 @@ breaking: venv
 pytest: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: venv
+# All benchmarks; ARGS goes to the one run by its own target.
+bench: bench-replica bench-registry
+
+bench-replica: venv
 	$(BIN)/python bench/replica_capacity.py $(ARGS)
+
+# Registry writes/s, watch fan-out, snapshot size/latency and restart time (~1-2 min).
+bench-registry: venv
+	$(BIN)/python bench/registry_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,18 +1,30 @@
-"""Store contract tests: every registry store must pass them (SQLite now, Consul later).
+"""Store contract tests: every registry store must pass them.
 
-To add a store, extend `STORES` and `_open`; a store that needs an external service skips
-with a reason when it is not configured.
+Stores: "sqlite"; "consul-fake", ConsulStore against tests/consul_fake.py (an in-process
+imitation of Consul's HTTP API, so CI covers the code); "consul", ConsulStore against a
+real agent at CONSUL_HTTP_ADDR, skipped when that is not set. Each Consul test uses a
+fresh random KV prefix and deletes it afterwards.
+
+To add a store, extend `STORES` and `_backing`/`_open`; a store that needs an external
+service skips with a reason when it is not configured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import tempfile
+import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import consul  # type: ignore[import-untyped]
 import pytest
+from consul_fake import FakeConsul
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +38,7 @@ from spillgate.registry import (
     StoreError,
     ValidationError,
 )
+from spillgate.registry.consul_store import DEFAULT_HISTORY_REVISIONS, ConsulStore
 from spillgate.registry.store import (
     MODEL,
     REGION,
@@ -35,32 +48,90 @@ from spillgate.registry.store import (
     state_from_snapshot,
 )
 
-STORES = ["sqlite"]
+STORES = ["sqlite", "consul-fake", "consul"]
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
+CONSUL_SKIP = (
+    "CONSUL_HTTP_ADDR not set: the real-Consul contract run needs an agent "
+    "(e.g. `consul agent -dev`, then CONSUL_HTTP_ADDR=127.0.0.1:8500); see README 'Consul store'"
+)
 
 
-def _open(name: str, directory: Path, **kwargs: int) -> Store:
+@dataclass(frozen=True)
+class Backing:
+    """Where one test's store lives: a directory (sqlite) or an agent and KV prefix."""
+
+    name: str
+    directory: Path
+    consul_addr: str = ""
+    prefix: str = ""
+
+
+@pytest.fixture(scope="session")
+def consul_fake() -> Iterator[FakeConsul]:
+    with FakeConsul() as fake:
+        yield fake
+
+
+def _consul_client(addr: str) -> consul.Consul:
+    parsed = urllib.parse.urlparse(addr if "//" in addr else "//" + addr)
+    return consul.Consul(host=parsed.hostname, port=parsed.port, scheme=parsed.scheme or "http")
+
+
+@contextlib.contextmanager
+def _backing(name: str, directory: Path, fake: FakeConsul) -> Iterator[Backing]:
+    """A fresh backing location for store `name`, removed afterwards (skips "consul" unset)."""
     if name == "sqlite":
-        return SQLiteStore(directory / "registry.db", clock=lambda: NOW, **kwargs)
-    raise AssertionError(f"unknown store {name}")
+        yield Backing(name, directory)
+        return
+    if name == "consul-fake":
+        addr = fake.addr
+    else:
+        addr = os.environ.get("CONSUL_HTTP_ADDR", "")
+        if not addr:
+            pytest.skip(CONSUL_SKIP)
+    prefix = f"spillgate-test/{uuid.uuid4().hex}/"
+    try:
+        yield Backing(name, directory, addr, prefix)
+    finally:
+        client = _consul_client(addr)
+        try:
+            client.kv.delete(prefix, recurse=True)
+        finally:
+            client.http.session.close()
+
+
+def _open(backing: Backing, **kwargs: int) -> Store:
+    if backing.name == "sqlite":
+        return SQLiteStore(backing.directory / "registry.db", clock=lambda: NOW, **kwargs)
+    if backing.name in ("consul-fake", "consul"):
+        history = kwargs.get("history_revisions", DEFAULT_HISTORY_REVISIONS)
+        return ConsulStore(
+            backing.consul_addr, prefix=backing.prefix, clock=lambda: NOW, history_revisions=history
+        )
+    raise AssertionError(f"unknown store {backing.name}")
 
 
 StoreFactory = Callable[..., Store]
 
 
 @pytest.fixture(params=STORES)
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+def open_store(
+    request: pytest.FixtureRequest, tmp_path: Path, consul_fake: FakeConsul
+) -> Iterator[StoreFactory]:
     """Opens stores of one kind on one backing location; closes them all at the end."""
     opened: list[Store] = []
+    with _backing(request.param, tmp_path, consul_fake) as backing:
 
-    def factory(**kwargs: int) -> Store:
-        store = _open(request.param, tmp_path, **kwargs)
-        opened.append(store)
-        return store
+        def factory(**kwargs: int) -> Store:
+            store = _open(backing, **kwargs)
+            opened.append(store)
+            return store
 
-    yield factory
-    for store in opened:
-        store.close()
+        try:
+            yield factory
+        finally:
+            for store in opened:
+                store.close()
 
 
 @pytest.fixture
@@ -401,20 +472,23 @@ def _mutations() -> st.SearchStrategy[registry_pb2.Mutation]:
     return st.one_of(puts, puts, deletes)
 
 
+@pytest.mark.parametrize("name", STORES)
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(batches=st.lists(st.lists(_mutations(), min_size=1, max_size=4), max_size=25))
 def test_snapshot_plus_changes_replays_to_the_final_state(
-    batches: list[list[registry_pb2.Mutation]],
+    name: str, consul_fake: FakeConsul, batches: list[list[registry_pb2.Mutation]]
 ) -> None:
-    for name in STORES:
-        with tempfile.TemporaryDirectory() as directory:
-            store = _open(name, Path(directory))
-            try:
-                _check_replay(store, batches)
-            finally:
-                store.close()
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        _backing(name, Path(directory), consul_fake) as backing,
+    ):
+        store = _open(backing)
+        try:
+            _check_replay(store, batches)
+        finally:
+            store.close()
 
 
 def _check_replay(store: Store, batches: list[list[registry_pb2.Mutation]]) -> None:

@@ -1,5 +1,6 @@
 """spillgate.registry: the fleet's source of truth (stores now; the gRPC service next)."""
 
+from spillgate.registry.client import ClientConfig, ClientStats, RegistryClient
 from spillgate.registry.sqlite_store import SQLiteStore
 from spillgate.registry.store import (
     NotFound,
@@ -12,8 +13,11 @@ from spillgate.registry.store import (
 )
 
 __all__ = [
+    "ClientConfig",
+    "ClientStats",
     "NotFound",
     "PreconditionFailed",
+    "RegistryClient",
     "RevisionMismatch",
     "SQLiteStore",
     "Store",

@@ -1,4 +1,7 @@
-"""`spillgate registry serve`: run the registry gRPC service on a SQLite file until signalled."""
+"""`spillgate registry serve`: run the registry gRPC service on a store until signalled.
+
+The store is a SQLite file (`--db`, the default) or Consul's KV (`--store consul`).
+"""
 
 from __future__ import annotations
 
@@ -15,14 +18,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spillgate._proto import registry_pb2, registry_pb2_grpc
+from spillgate.registry.client import CHANNEL_OPTIONS
+from spillgate.registry.consul_store import DEFAULT_PREFIX, ConsulStore
 from spillgate.registry.service import RegistryServicer, ServiceConfig
 from spillgate.registry.sqlite_store import SQLiteStore
+from spillgate.registry.store import Store, StoreError
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+# Large fleets need more than gRPC's 4 MiB default (see client.MAX_MESSAGE_BYTES).
+SERVER_OPTIONS = CHANNEL_OPTIONS
 
 
 async def run(
-    db_path: str | Path,
+    db_path: str | Path | Store,
     host: str = "127.0.0.1",
     port: int = 0,
     stop_event: asyncio.Event | None = None,
@@ -30,13 +38,14 @@ async def run(
 ) -> None:
     """Serve the registry until `stop_event` is set or SIGINT/SIGTERM arrives.
 
+    `db_path` is a SQLite file or an opened Store (which `run` closes at the end).
     Prints one ready line, `spillgate registry ready grpc=HOST:PORT revision=N`, once the
     port is bound (port 0 picks a free one).
     """
     stop = stop_event or asyncio.Event()
-    store = SQLiteStore(db_path)
+    store = db_path if isinstance(db_path, Store) else SQLiteStore(db_path)
     servicer = RegistryServicer(store, config)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -68,9 +77,19 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `--db PATH [--host H] [--port N] [--lease-check-ms N]` and serve; returns 0."""
+    """Parse the options (`--help`) and serve; returns 0.
+
+    `--db PATH` (store sqlite, the default) or `--store consul [--consul-addr HOST:PORT]
+    [--consul-prefix P]`, then `[--host H] [--port N] [--lease-check-ms N]`.
+    """
     parser = argparse.ArgumentParser(prog="spillgate registry serve")
-    parser.add_argument("--db", required=True, help="SQLite file (created if missing)")
+    parser.add_argument("--store", choices=("sqlite", "consul"), default="sqlite")
+    parser.add_argument("--db", help="SQLite file (created if missing); needed for sqlite")
+    parser.add_argument(
+        "--consul-addr",
+        help="Consul agent HOST:PORT or URL (default: $CONSUL_HTTP_ADDR, else 127.0.0.1:8500)",
+    )
+    parser.add_argument("--consul-prefix", default=DEFAULT_PREFIX, help="KV prefix of the registry")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7070, help="gRPC port; 0 = any free port")
     parser.add_argument(
@@ -81,8 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.store == "sqlite" and not args.db:
+        parser.error("--db is required with --store sqlite")
     config = ServiceConfig(lease_check_ms=args.lease_check_ms)
-    asyncio.run(run(args.db, args.host, args.port, config=config))
+    store: str | Store = args.db
+    if args.store == "consul":
+        try:
+            store = ConsulStore(args.consul_addr, prefix=args.consul_prefix)
+        except StoreError as exc:
+            parser.exit(1, f"spillgate registry: {exc}\n")
+    asyncio.run(run(store, args.host, args.port, config=config))
     return 0
 
 

@@ -20,6 +20,7 @@ import grpc
 
 from spillgate._proto import registry_pb2, registry_pb2_grpc
 from spillgate.registry import spec
+from spillgate.registry.client import CHANNEL_OPTIONS
 from spillgate.registry.store import (
     ALIAS,
     MODEL,
@@ -212,7 +213,7 @@ def _summary(changes: Sequence[registry_pb2.Change]) -> str:
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, registry_pb2_grpc.RegistryServiceStub]:
-    channel = grpc.insecure_channel(args.registry)
+    channel = grpc.insecure_channel(args.registry, options=CHANNEL_OPTIONS)
     return channel, registry_pb2_grpc.RegistryServiceStub(channel)
 
 

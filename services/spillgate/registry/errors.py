@@ -20,6 +20,7 @@ from spillgate.registry.store import (
     NotFound,
     PreconditionFailed,
     RevisionMismatch,
+    StoreUnavailable,
     ValidationError,
 )
 
@@ -81,5 +82,9 @@ def to_rpc_error(exc: BaseException) -> RpcError:
         return RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, NotFound):
         return RpcError(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, StoreUnavailable):
+        # The text names the backend's address, which is not for clients: log it only.
+        log.warning("registry store unavailable: %s", exc)
+        return RpcError(grpc.StatusCode.UNAVAILABLE, "registry store unavailable, retry later")
     log.error("unexpected registry error", exc_info=exc)
     return RpcError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -58,6 +58,9 @@ class ServiceConfig:
     default_progress_ms: int = 5_000
     # Apply with prune_kinds and no expected_revision retries on concurrent writes.
     prune_retries: int = 5
+    # Committed revisions kept in memory for watchers, so N watchers following a write cost
+    # one store read, not N (older resumes read the store's history).
+    recent_events: int = 1024
 
 
 class RevisionNotifier:
@@ -66,6 +69,11 @@ class RevisionNotifier:
     def __init__(self, revision: int) -> None:
         self._revision = revision
         self._cond = asyncio.Condition()
+
+    @property
+    def revision(self) -> int:
+        """The latest published revision."""
+        return self._revision
 
     async def publish(self, revision: int) -> None:
         """Record that `revision` is committed and wake every waiter."""
@@ -132,6 +140,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self._leases = Leases(clock)
         self._lease_lock = asyncio.Lock()
         self._notifier = RevisionNotifier(store.revision())
+        self._recent: dict[int, registry_pb2.WatchEvent] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -164,8 +173,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> tuple[int, list[registry_pb2.Change]]:
         revision, changes = await asyncio.to_thread(self._store.apply, mutations, expected_revision)
         if changes:
+            event = registry_pb2.WatchEvent(revision=revision)
+            event.changes.changes.extend(changes)
+            self._recent[revision] = event
+            self._recent.pop(revision - self._config.recent_events, None)
             await self._notifier.publish(revision)
         return revision, changes
+
+    async def _changes_since(self, revision: int) -> list[registry_pb2.WatchEvent] | None:
+        """Events after `revision`: from memory when every one is there, else the store."""
+        events = []
+        latest = self._notifier.revision
+        for r in range(revision + 1, latest + 1):
+            event = self._recent.get(r)
+            if event is None:
+                return await asyncio.to_thread(self._store.changes_since, revision)
+            events.append(event)
+        if revision > latest:
+            return await asyncio.to_thread(self._store.changes_since, revision)
+        return events
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -260,6 +286,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 raise ValidationError(f"prune_kinds[{i}]", "must be a known kind")
         expected = request.expected_revision if request.HasField("expected_revision") else None
         attempts = 1 if expected is not None else self._config.prune_retries
+        if not request.prune_kinds and not request.dry_run:
+            # Nothing to read first: don't pay for a snapshot (O(state)) on every write.
+            revision, changes = await self._apply(list(request.mutations), expected)
+            return registry_pb2.ApplyResponse(
+                revision=revision, changes=changes, committed=bool(changes)
+            )
         for attempt in range(attempts):
             snapshot = await asyncio.to_thread(self._store.snapshot)
             mutations = list(request.mutations) + self._prunes(request, snapshot)
@@ -324,7 +356,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         kinds = set(request.kinds)
         idle = (request.progress_interval_ms or self._config.default_progress_ms) / 1000
         last = request.from_revision
-        events = None if last == 0 else await asyncio.to_thread(self._store.changes_since, last)
+        events = None if last == 0 else await self._changes_since(last)
         while True:
             if events is None:
                 # Not resumable (first watch, or fell out of the retained history).
@@ -335,7 +367,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 yield _filtered(event, kinds)
                 last = event.revision
             woken = await self._notifier.wait_past(last, idle)
-            events = await asyncio.to_thread(self._store.changes_since, last)
+            if woken:
+                events = await self._changes_since(last)
+            else:
+                # Idle: ask the store itself, which also sees writes made by other processes.
+                events = await asyncio.to_thread(self._store.changes_since, last)
             if not woken and events == []:
                 yield registry_pb2.WatchEvent(revision=last)
 

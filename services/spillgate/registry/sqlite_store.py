@@ -26,7 +26,7 @@ from spillgate.registry.store import (
     entity_key,
     snapshot_from_state,
 )
-from spillgate.registry.validate import plan_apply
+from spillgate.registry.validate import apply_delta, plan_delta
 
 DEFAULT_HISTORY_REVISIONS = 10_000
 
@@ -95,6 +95,10 @@ class SQLiteStore(Store):
         self._db.executescript(_SCHEMA)
         self._state: dict[Key, registry_pb2.Entity] = {}
         self._revision = -1
+        # The Snapshot of the current revision, built on first use (building one sorts and
+        # copies every entity: ~70 ms for 30,000 replicas; copying a built one is ~10x
+        # cheaper, and every watcher starting from scratch asks for one). Never mutated.
+        self._snapshot: registry_pb2.Snapshot | None = None
         with self._lock:
             self._refresh()
 
@@ -111,7 +115,7 @@ class SQLiteStore(Store):
         for (body,) in self._db.execute("SELECT body FROM entities"):
             entity = _entity(body)
             state[entity_key(entity)] = entity
-        self._state, self._revision = state, revision
+        self._state, self._revision, self._snapshot = state, revision, None
 
     def revision(self) -> int:
         """The current revision."""
@@ -142,10 +146,15 @@ class SQLiteStore(Store):
         return copy, revision
 
     def snapshot(self) -> registry_pb2.Snapshot:
-        """The full state at the current revision."""
+        """The full state at the current revision (a copy the caller may modify)."""
         with self._lock:
             self._refresh()
-            return snapshot_from_state(self._state, self._revision)
+            if self._snapshot is None:
+                self._snapshot = snapshot_from_state(self._state, self._revision)
+            cached = self._snapshot
+        snapshot = registry_pb2.Snapshot()
+        snapshot.CopyFrom(cached)
+        return snapshot
 
     def apply(
         self, mutations: list[registry_pb2.Mutation], expected_revision: int | None = None
@@ -158,7 +167,9 @@ class SQLiteStore(Store):
                 current = self._revision
                 if expected_revision is not None and expected_revision != current:
                     raise RevisionMismatch(current, expected_revision)
-                state, changes = plan_apply(self._state, mutations, self._clock())
+                # O(batch): validation is incremental and the cache is updated in place
+                # after the commit, instead of copying and re-checking the whole state.
+                delta, changes = plan_delta(self._state, mutations, self._clock())
                 if not changes:
                     self._db.execute("ROLLBACK")
                     return current, []
@@ -169,7 +180,8 @@ class SQLiteStore(Store):
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            self._state, self._revision = state, revision
+            apply_delta(self._state, delta)
+            self._revision, self._snapshot = revision, None
             return revision, changes
 
     def _write(self, revision: int, changes: list[registry_pb2.Change]) -> None:

@@ -7,7 +7,8 @@ of entities it changes (registry.proto, "Revisions"). An apply whose effective d
 
 Errors map to gRPC codes in one table at the service edge:
 `RevisionMismatch` -> ABORTED, `ValidationError` -> INVALID_ARGUMENT,
-`PreconditionFailed` -> FAILED_PRECONDITION, `NotFound` -> NOT_FOUND.
+`PreconditionFailed` -> FAILED_PRECONDITION, `NotFound` -> NOT_FOUND,
+`StoreUnavailable` -> UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class PreconditionFailed(StoreError):
 
     Raised for references to missing entities (the message names what is missing), for
     deletes that leave references dangling, and for changes to immutable versions.
+    """
+
+
+class StoreUnavailable(StoreError):
+    """The store's backend (e.g. the Consul agent) cannot be reached; retrying may succeed.
+
+    Whether the failed write was committed is unknown: callers read the revision again.
     """
 
 

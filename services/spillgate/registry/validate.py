@@ -5,12 +5,19 @@ raises the same errors whatever the store: ValidationError for malformed entitie
 per mutation, in order), PreconditionFailed for immutable versions and for references the
 resulting state leaves dangling (checked once, on the state after the whole batch, so a
 batch may create a model and its versions in any order).
+
+Writes are checked incrementally (`validate_delta`): the state a write starts from passed
+the same checks when it was written, so only the entities a batch touches, and those that
+refer to what it deletes, can break a rule. A heartbeat-sized write costs O(batch), not
+O(fleet). `validate_state` is the full check the incremental one must agree with.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
+from typing import TypeAlias
 
 from spillgate._proto import registry_pb2
 from spillgate.registry.store import (
@@ -110,9 +117,49 @@ def validate_entity(entity: registry_pb2.Entity) -> None:
         raise ValidationError("entity", "exactly one entity kind must be set")
 
 
-def _require(state: State, owner: str, kind: EntityKind, key: str) -> None:
-    if (kind, key) not in state:
-        raise PreconditionFailed(f"{owner} references unknown {kind_name(kind)} {key!r}")
+def _references(kind: EntityKind, entity: registry_pb2.Entity) -> list[Key]:
+    """The keys `entity` requires to exist, in the order they are checked."""
+    if kind == MODEL:
+        fallback = entity.model.fallback_model
+        return [(MODEL, fallback)] if fallback else []
+    if kind == VERSION:
+        return [(MODEL, entity.version.model)]
+    if kind == ALIAS:
+        a = entity.alias
+        regions = sorted(a.region_targets)
+        lists = [a.default_targets, *(a.region_targets[r] for r in regions)]
+        refs: list[Key] = [(REGION, r) for r in regions]
+        refs += [(VERSION, version_id(t.model, t.version)) for ts in lists for t in ts.targets]
+        return refs
+    if kind == PLACEMENT:
+        p = entity.placement
+        return [(VERSION, version_id(p.model, p.version)), (REGION, p.region)]
+    if kind == REPLICA:
+        # Loaded versions are reported by the replica and are not checked: a replica
+        # must not be refused registration because an operator deleted a version.
+        return [(REGION, entity.replica.region)]
+    return []
+
+
+# Which kinds may hold a reference to an entity of a kind (from `_references`), so that a
+# delete only needs to look at those.
+_REFERRER_KINDS: dict[EntityKind, frozenset[EntityKind]] = {
+    REGION: frozenset({ALIAS, PLACEMENT, REPLICA}),
+    MODEL: frozenset({MODEL, VERSION}),
+    VERSION: frozenset({ALIAS, PLACEMENT}),
+}
+
+
+def _check_entity(state: State, key: Key, entity: registry_pb2.Entity) -> None:
+    """Check one entity of `state` against the rest of it (the rules of validate_state)."""
+    kind, key_id = key
+    if kind == ALIAS and (MODEL, key_id) in state:
+        raise ValidationError("alias.name", f"{key_id!r} collides with a model id")
+    for ref in _references(kind, entity):
+        if ref not in state:
+            raise PreconditionFailed(
+                f"{kind_name(kind)} {key_id!r} references unknown {kind_name(ref[0])} {ref[1]!r}"
+            )
 
 
 def validate_state(state: State) -> None:
@@ -120,32 +167,43 @@ def validate_state(state: State) -> None:
 
     Raises PreconditionFailed naming the referring entity and the missing one, or
     ValidationError for an alias whose name collides with a model id. Checks run in key
-    order so the reported problem is deterministic.
+    order so the reported problem is deterministic. O(state): writes use `validate_delta`.
     """
-    for (kind, key), entity in sorted(state.items()):
-        owner = f"{kind_name(kind)} {key!r}"
-        if kind == MODEL and entity.model.fallback_model:
-            _require(state, owner, MODEL, entity.model.fallback_model)
-        elif kind == VERSION:
-            _require(state, owner, MODEL, entity.version.model)
-        elif kind == ALIAS:
-            if (MODEL, key) in state:
-                raise ValidationError("alias.name", f"{key!r} collides with a model id")
-            a = entity.alias
-            lists = [a.default_targets, *(a.region_targets[r] for r in sorted(a.region_targets))]
-            for region in sorted(a.region_targets):
-                _require(state, owner, REGION, region)
-            for targets in lists:
-                for t in targets.targets:
-                    _require(state, owner, VERSION, version_id(t.model, t.version))
-        elif kind == PLACEMENT:
-            p = entity.placement
-            _require(state, owner, VERSION, version_id(p.model, p.version))
-            _require(state, owner, REGION, p.region)
-        elif kind == REPLICA:
-            # Loaded versions are reported by the replica and are not checked: a replica
-            # must not be refused registration because an operator deleted a version.
-            _require(state, owner, REGION, entity.replica.region)
+    for key, entity in sorted(state.items()):
+        _check_entity(state, key, entity)
+
+
+def validate_delta(before: State, after: State, touched: Iterable[Key]) -> None:
+    """Check `after` exactly as `validate_state(after)` would, in O(touched) for most writes.
+
+    Precondition: `before` passes validate_state and `after` differs from it only at the
+    keys in `touched`. Then only these entities can break a rule: the touched ones still
+    present, the alias named like a touched model, and the referrers of touched keys that
+    are gone. They are checked in key order, so the first problem reported is the one
+    validate_state reports. Finding the referrers of a deleted region, model or version
+    scans `after` (those deletes are rare operator actions); replica, placement and alias
+    writes never scan.
+    """
+    check: set[Key] = set()
+    gone: set[Key] = set()
+    for key in touched:
+        if key in after:
+            check.add(key)
+            if key[0] == MODEL and (ALIAS, key[1]) in after:
+                check.add((ALIAS, key[1]))
+        elif key[0] in _REFERRER_KINDS:
+            gone.add(key)
+    if gone:
+        kinds = frozenset().union(*(_REFERRER_KINDS[k] for k, _ in gone))
+        check.update(
+            key
+            for key, entity in after.items()
+            if key[0] in kinds
+            and key not in check
+            and not gone.isdisjoint(_references(key[0], entity))
+        )
+    for key in sorted(check):
+        _check_entity(after, key, after[key])
 
 
 def _without_create_time(version: registry_pb2.Version) -> bytes:
@@ -159,17 +217,62 @@ def _same(a: registry_pb2.Entity, b: registry_pb2.Entity) -> bool:
     return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
 
-def plan_apply(
-    state: State, mutations: list[registry_pb2.Mutation], now: datetime
-) -> tuple[dict[Key, registry_pb2.Entity], list[registry_pb2.Change]]:
-    """Compute the resulting state and the effective changes of applying `mutations`.
+# The result of a write as key -> new entity, or None where the key is deleted.
+Delta: TypeAlias = dict[Key, registry_pb2.Entity | None]
 
-    `state` is not modified. No-op puts and deletes of absent keys produce no change.
-    A new version gets `create_time = now` (the registry owns it); re-putting an existing
-    version is a no-op when its content is identical (create_time aside) and raises
-    PreconditionFailed otherwise, since versions are immutable.
+
+def apply_delta(state: dict[Key, registry_pb2.Entity], delta: Delta) -> None:
+    """Make `state` the state `delta` was planned to produce from it (in place)."""
+    for key, entity in delta.items():
+        if entity is None:
+            state.pop(key, None)
+        else:
+            state[key] = entity
+
+
+class _Overlay(Mapping[Key, registry_pb2.Entity]):
+    """`base` with `delta` laid over it (None = deleted), without copying `base`."""
+
+    def __init__(self, base: State, delta: Delta) -> None:
+        self._base = base
+        self._delta = delta
+
+    def __getitem__(self, key: Key) -> registry_pb2.Entity:
+        if key in self._delta:
+            entity = self._delta[key]
+            if entity is None:
+                raise KeyError(key)
+            return entity
+        return self._base[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._delta:
+            return self._delta[key] is not None
+        return key in self._base
+
+    def __iter__(self) -> Iterator[Key]:
+        for key in self._base:
+            if key not in self._delta:
+                yield key
+        for key, entity in self._delta.items():
+            if entity is not None:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def plan_delta(
+    state: State, mutations: list[registry_pb2.Mutation], now: datetime
+) -> tuple[Delta, list[registry_pb2.Change]]:
+    """Like `plan_apply`, but returns the resulting state as a Delta against `state`.
+
+    Costs O(mutations), not O(state) (bar the deletes validate_delta scans for). Stores
+    that keep the state in memory apply the delta to it with `apply_delta` once the write
+    is committed. The delta's entities are not shared with the changes.
     """
-    result = dict(state)
+    delta: Delta = {}
+    result = _Overlay(state, delta)
     changes: list[registry_pb2.Change] = []
     for i, mutation in enumerate(mutations):
         which = mutation.WhichOneof("mutation")
@@ -195,7 +298,7 @@ def plan_apply(
             change = registry_pb2.Change(kind=registry_pb2.CHANGE_KIND_PUT, entity=entity)
             if previous is not None:
                 change.previous.CopyFrom(previous)
-            result[key] = entity
+            delta[key] = entity
             changes.append(change)
         elif which == "delete":
             kind, key_id = mutation.delete.kind, mutation.delete.id
@@ -203,8 +306,9 @@ def plan_apply(
                 raise ValidationError(f"mutations[{i}].delete.kind", "must be set")
             if not key_id:
                 raise ValidationError(f"mutations[{i}].delete.id", "must not be empty")
-            removed = result.pop((kind, key_id), None)
+            removed = result.get((kind, key_id))
             if removed is not None:
+                delta[kind, key_id] = None
                 changes.append(
                     registry_pb2.Change(
                         kind=registry_pb2.CHANGE_KIND_DELETE, entity=removed, previous=removed
@@ -213,5 +317,24 @@ def plan_apply(
         else:
             raise ValidationError(f"mutations[{i}]", "exactly one of put or delete must be set")
     if changes:
-        validate_state(result)
+        validate_delta(state, result, delta)
+    return delta, changes
+
+
+def plan_apply(
+    state: State, mutations: list[registry_pb2.Mutation], now: datetime
+) -> tuple[dict[Key, registry_pb2.Entity], list[registry_pb2.Change]]:
+    """Compute the resulting state and the effective changes of applying `mutations`.
+
+    `state` is not modified and must be valid (it passed validation when it was written):
+    only what the mutations touch is re-checked (validate_delta). No-op puts and deletes
+    of absent keys produce no change. A new version gets `create_time = now` (the registry
+    owns it); re-putting an existing version is a no-op when its content is identical
+    (create_time aside) and raises PreconditionFailed otherwise, since versions are
+    immutable. The result is a shallow copy of `state` (~0.2 ms for 30,000 entities);
+    stores that keep their own state in memory can use `plan_delta` and skip it.
+    """
+    delta, changes = plan_delta(state, mutations, now)
+    result = dict(state)
+    apply_delta(result, delta)
     return result, changes

@@ -1,0 +1,34 @@
+"""Helpers shared by the benchmarks (run as `python bench/NAME.py`: imports as `_common`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout stays the result."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: cores, CPU model, Python and grpcio versions."""
+    import grpc
+
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+    }
