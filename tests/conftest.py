@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -34,6 +35,23 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last error: {last!r})")
         time.sleep(interval)
+
+
+async def until(check: Callable[[], T], timeout: float = 10.0) -> T:
+    """The async twin of `eventually`, for checks on state owned by the test's event loop:
+    await until `check()` is truthy (AssertionError counts as not yet), or fail."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except AssertionError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last error: {last!r})")
+        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -1,0 +1,222 @@
+"""Local placement: predict every candidate lane and pick one with bounded-load affinity.
+
+This is the hot path of ``Policy.decide``: one pass over the candidate lanes of a model
+version, no allocation per lane. Prediction per lane (ms):
+
+    queue   = max(0, load - usable_slots(priority) + 1) / rate   (rate = slots / service_ms)
+    prefill = ttft_overhead + uncached_prompt_tokens x prefill_ms_per_token
+    decode  = output_tokens x (itl_base + itl_per_seq x (min(load + 1, slots) - 1))
+
+SERVE only dispatches into a usable slot that is free now: a request that would wait goes to
+the admission queue instead, which is priority ordered (a replica's waiting queue is FIFO and
+would let a BATCH request sit ahead of a CRITICAL one).
+
+Affinity (session replica first, then the replica holding the longest prompt prefix) only
+applies while that lane's load + 1 <= ceil((1 + epsilon) x pool mean load per slot x its
+slots), so a hot session or prefix spreads instead of piling onto one replica.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spillgate.core.decision import Estimate, Reason
+from spillgate.core.lanes import Lane
+
+
+@dataclass(slots=True)
+class Pick:
+    """A predicted placement on one lane."""
+
+    lane: Lane
+    queue_ms: float
+    prefill_ms: float
+    decode_ms: float
+    itl_ms: float
+    cached_tokens: int
+    reason: Reason
+
+    @property
+    def total_ms(self) -> float:
+        """queue + prefill + decode (local: no network)."""
+        return self.queue_ms + self.prefill_ms + self.decode_ms
+
+    def estimate(self, budget_ms: float, network_ms: float = 0.0) -> Estimate:
+        """The wire Estimate of this pick."""
+        total = network_ms + self.total_ms
+        return Estimate(
+            network_ms,
+            self.queue_ms,
+            self.prefill_ms,
+            self.decode_ms,
+            total,
+            budget_ms,
+            self.cached_tokens,
+        )
+
+
+@dataclass(slots=True)
+class Scan:
+    """Result of scanning the candidates: the chosen pick (or None) and fit flags."""
+
+    pick: Pick | None
+    fits: bool  # a usable slot is free now and pick.total_ms <= remaining budget
+    unloaded_fits: bool  # some candidate would fit with no queueing (waiting can help)
+    candidates: int
+    drain_rate: float  # requests per ms the candidates complete (sum of slots / service)
+    backlog: int  # requests ahead of this priority beyond the candidates' usable slots
+
+
+NO_CANDIDATES = Scan(None, False, False, 0, 0.0, 0)
+
+
+def scan(
+    lanes: list[Lane],
+    now: float,
+    fresh_after: float,
+    priority: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    remaining_ms: float,
+    epsilon: float,
+    holders: set[int],
+    cached_tokens: int,
+    session_replica: str,
+) -> Scan:
+    """Predict every available lane and choose one (see module docstring).
+
+    ``holders``/``cached_tokens``: lanes expected to hold the prompt's prefix and how many
+    prompt tokens would hit. ``session_replica``: the session's previous replica ("" = none).
+    """
+    best: Lane | None = None
+    best_total = best_q = best_itl = math.inf
+    min_unloaded = math.inf
+    sum_load = sum_slots = n = backlog = 0
+    rate = 0.0
+    affine: list[Lane] | None = None
+    for lane in lanes:
+        if lane.signal_time < fresh_after or lane.draining:
+            continue
+        br = lane.breaker
+        if br is not None and not br.allows(now):
+            continue
+        load, slots = lane.load, lane.slots
+        n += 1
+        sum_load += load
+        sum_slots += slots
+        rate += lane.rate
+        ahead = load - lane.usable[priority] + 1
+        if ahead > 0:
+            backlog += ahead
+            q = ahead / lane.rate
+        else:
+            q = 0.0
+        itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
+        pd = lane.overhead + prompt_tokens * lane.prefill_per_token + output_tokens * itl
+        if pd < min_unloaded:
+            min_unloaded = pd
+        if q + pd < best_total:
+            best, best_total, best_q, best_itl = lane, q + pd, q, itl
+        if (holders and lane.id in holders) or (
+            session_replica and lane.replica == session_replica
+        ):
+            if affine is None:
+                affine = []
+            affine.append(lane)
+    if best is None:
+        return NO_CANDIDATES
+    pick = Pick(
+        best,
+        best_q,
+        best.overhead + prompt_tokens * best.prefill_per_token,
+        output_tokens * best_itl,
+        best_itl,
+        0,
+        Reason.LOCAL_FIT,
+    )
+    if affine is not None:
+        # Consistent hashing with bounded loads: a lane may take the request while
+        # load + 1 <= ceil((1 + eps) x (pool load + 1) x its share of the pool's slots).
+        bound = (1.0 + epsilon) * (sum_load + 1) / sum_slots
+        pick = _affinity(
+            affine, pick, priority, prompt_tokens, output_tokens, remaining_ms, bound,
+            holders, cached_tokens, session_replica,
+        )  # fmt: skip
+    unloaded = min(min_unloaded, pick.prefill_ms + pick.decode_ms)
+    fits = pick.queue_ms == 0.0 and pick.total_ms <= remaining_ms
+    return Scan(pick, fits, unloaded <= remaining_ms, n, rate, backlog)
+
+
+def _affinity(
+    affine: list[Lane],
+    best: Pick,
+    priority: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    remaining_ms: float,
+    bound: float,
+    holders: set[int],
+    cached_tokens: int,
+    session_replica: str,
+) -> Pick:
+    chosen = best
+    for lane in affine:
+        if lane.load + 1 > math.ceil(bound * lane.slots - 1e-9):
+            continue  # bounded load: affinity never pushes a lane past (1 + eps) x mean
+        cached = cached_tokens if lane.id in holders else 0
+        cand = predict(lane, priority, prompt_tokens, output_tokens, cached, Reason.LOCAL_FIT)
+        if cand.queue_ms > chosen.queue_ms:
+            continue  # affinity never trades a free slot for a wait
+        if session_replica and lane.replica == session_replica:
+            if cand.total_ms <= remaining_ms:
+                cand.reason = Reason.SESSION_AFFINITY
+                return cand  # stickiness wins whenever it fits within the load bound
+        elif cached and cand.total_ms < chosen.total_ms:
+            cand.reason = Reason.PREFIX_AFFINITY
+            chosen = cand
+    return chosen
+
+
+def predict(
+    lane: Lane,
+    priority: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    cached_tokens: int,
+    reason: Reason,
+) -> Pick:
+    """Prediction for one lane (same formulas as :func:`scan`)."""
+    itl = lane.itl_ms()
+    return Pick(
+        lane,
+        lane.queue_ms(priority),
+        lane.prefill_ms(max(0, prompt_tokens - cached_tokens)),
+        output_tokens * itl,
+        itl,
+        cached_tokens,
+        reason,
+    )
+
+
+def max_tokens_that_fit(
+    lanes: list[Lane],
+    now: float,
+    fresh_after: float,
+    priority: int,
+    prompt_tokens: int,
+    remaining_ms: float,
+) -> tuple[int, Pick | None]:
+    """Largest output length any lane with a free usable slot finishes within ``remaining_ms``."""
+    best_tokens, best_lane = -1, None
+    for lane in lanes:
+        if not lane.available(now, fresh_after) or lane.queue_ms(priority) > 0:
+            continue
+        left = remaining_ms - lane.queue_ms(priority) - lane.prefill_ms(prompt_tokens)
+        tokens = math.floor(left / lane.itl_ms()) if left > 0 else 0
+        if tokens > best_tokens:
+            best_tokens, best_lane = tokens, lane
+    if best_lane is None:
+        return 0, None
+    pick = predict(best_lane, priority, prompt_tokens, best_tokens, 0, Reason.DEGRADE_MAX_TOKENS)
+    return best_tokens, pick

@@ -1,0 +1,511 @@
+"""The admission policy of one region (DESIGN.md "Admission policy (core)"), pure.
+
+``Policy.decide`` runs: resolve alias -> candidates -> predict -> bounded-load affinity ->
+SERVE if it fits -> OVERFLOW (hop 0 only) -> QUEUE -> DEGRADE (if allowed) -> SHED. Time is
+always passed in (clock seconds), randomness comes from the injected ``random.Random``, so
+the same seed and inputs give the same decisions. ``decide(..., commit=False)`` is a dry run:
+it changes no state at all (no RNG draw, no tokens, no accounting).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from dataclasses import dataclass, replace
+
+from spillgate.core.admission_queue import AdmissionQueue, QueueEntry
+from spillgate.core.affinity import PrefixIndex, SessionEntry, SessionTable, namespace_mask
+from spillgate.core.breaker import Breaker
+from spillgate.core.decision import (
+    Action,
+    Decision,
+    Degrade,
+    Estimate,
+    Outcome,
+    Priority,
+    Reason,
+    Request,
+    Ticket,
+)
+from spillgate.core.errors import NoFleet, PolicyError
+from spillgate.core.fleet import FleetView, ModelInfo, VersionInfo
+from spillgate.core.overflow import NeighbourState, NeighbourSummary, TokenBucket
+from spillgate.core.placement import NO_CANDIDATES, Pick, Scan, max_tokens_that_fit, scan
+from spillgate.core.policy_config import PolicyConfig
+from spillgate.core.policy_state import LaneSet, build_summary, pick_neighbour
+from spillgate.core.signals import Signals
+from spillgate.core.tickets import TicketBook
+
+_NO_HOLDERS: set[int] = set()
+
+
+@dataclass(slots=True)
+class _Target:
+    requested: str
+    model: str
+    version: str
+    info: VersionInfo
+    model_info: ModelInfo
+    alias: bool  # requested an alias (any of its versions is compatible unless pinned)
+    pinned: bool  # the version came from the session table
+    session_replica: str
+
+
+class Policy:
+    """Admission policy state of one region: lanes, affinity, breakers, buckets, queue."""
+
+    def __init__(self, config: PolicyConfig, region: str, rng: random.Random) -> None:
+        config.validate()
+        self._cfg = config
+        self._region = region
+        self._rng = rng
+        self._fleet: FleetView | None = None
+        self._zone = ""
+        self._lanes = LaneSet(config)
+        self._prefix = PrefixIndex(config.prefix_index_stride)
+        self._masks: dict[tuple[str, str, str], int] = {}
+        self._sessions = SessionTable(config.session_capacity)
+        self._breakers: dict[str, Breaker] = {}
+        self._neighbours: dict[str, NeighbourState] = {}
+        self._queue = AdmissionQueue(config.queue_capacity, config.band_capacity, config.band_ttl_s)
+        self._queued_targets: dict[int, _Target] = {}
+        self._finished: list[tuple[Request, Decision]] = []
+        self._tickets = TicketBook(region, config.ticket_lease_s)
+        self._summary_seq = 0
+        self.overflow_in_total = 0
+        self.overflow_out_total = 0
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def set_fleet(self, fleet: FleetView) -> None:
+        """Adopt a new registry view; lanes that persist keep their load and learned rates."""
+        self._fleet = fleet
+        region = fleet.regions.get(self._region)
+        self._zone = region.residency_zone if region else ""
+        self._lanes.rebuild(fleet, self._region, self._prefix, self._breakers)
+
+    def observe_signals(self, replica: str, signals: Signals, now: float) -> None:
+        """Apply one scrape of ``replica`` (freshness counts from ``signals.time``)."""
+        for lane in self._lanes.of_replica(replica):
+            lane.observe(signals.load(lane.triton_model_name), min(signals.time, now))
+
+    def observe_neighbour(self, summary: NeighbourSummary, now: float) -> None:
+        """Take a neighbour's RegionSummary (updates hysteresis and its overflow bucket)."""
+        if summary.region == self._region:
+            return
+        state = self._neighbours.get(summary.region)
+        if state is None:
+            bucket = TokenBucket(0.0, self._cfg.overflow_refill_s, now)
+            state = NeighbourState(summary, bucket, Breaker(self._cfg.neighbour_breaker))
+            self._neighbours[summary.region] = state
+        state.update(summary, now, self._cfg)
+
+    def record_result(self, replica: str, ok: bool, now: float) -> None:
+        """Feed the replica's breaker (health probe or request result)."""
+        breaker = self._breakers.get(replica)
+        if breaker is None:
+            if ok:
+                return  # closed breakers are created lazily, on the first failure
+            breaker = self._breakers[replica] = Breaker(self._cfg.breaker)
+            for lane in self._lanes.of_replica(replica):
+                lane.breaker = breaker
+        breaker.record(ok, now)
+
+    def record_neighbour_result(self, region: str, ok: bool, now: float) -> None:
+        """Feed a neighbour region's breaker (result of a forwarded request)."""
+        state = self._neighbours.get(region)
+        if state is not None:
+            state.breaker.record(ok, now)
+
+    def set_draining(self, replica: str, draining: bool) -> int:
+        """Stop (or resume) admitting to ``replica``; returns its in-flight tickets."""
+        self._lanes.set_draining(replica, draining)
+        return self._tickets.on_replica(replica)
+
+    # -- the decision ------------------------------------------------------------------------
+
+    def decide(self, request: Request, now: float, commit: bool = True) -> Decision:
+        """Decide for ``request`` at ``now``. Raises NoFleet, UnknownModel, InvalidRequest.
+
+        With ``commit`` a SERVE/DEGRADE reserves a slot and returns a ticket, an OVERFLOW
+        spends a bucket token, a QUEUE parks the request (finish it with ``drain_queue``).
+        """
+        fleet = self._fleet
+        if fleet is None:
+            raise NoFleet()
+        request.validate()
+        target = self._resolve(fleet, request, commit)
+        remaining = request.remaining_ms(now)
+        tokens = self._output_tokens(request, target.model_info)
+        local_ok = not request.residency_zone or request.residency_zone == self._zone
+        local = NO_CANDIDATES
+        if local_ok and remaining > 0:
+            local = self._scan(target, request, tokens, remaining, now)
+            if local.fits and local.pick is not None:
+                pick = local.pick
+                return self._serve(request, target, pick, remaining, now, commit, pick.reason)
+        if request.hops == 0 and remaining > 0:
+            overflow = self._overflow(fleet, request, target, tokens, remaining, now, commit)
+            if overflow is not None:
+                return overflow
+        if not local_ok:
+            detail = f"no target in residency zone {request.residency_zone!r} fits"
+            return self._shed(request, target, Reason.RESIDENCY, detail, remaining, local)
+        queue_full = False
+        prio = request.priority
+        if local.pick is not None and local.unloaded_fits and self._queue.may_queue(prio):
+            ahead_ms = self._queue_ahead_ms(local, prio)
+            wait = local.pick.queue_ms + ahead_ms
+            total = local.pick.total_ms + ahead_ms
+            if wait <= self._queue.ttl_s(prio) * 1000.0 and total <= remaining:
+                if self._queue.has_room(prio):
+                    return self._enqueue(request, target, local.pick, wait, remaining, now, commit)
+                queue_full = True
+        if request.allow_degrade and remaining > 0:
+            degraded = self._degrade(fleet, request, target, tokens, remaining, now, commit)
+            if degraded is not None:
+                return degraded
+        if local.pick is None:
+            reason, detail = Reason.NO_REPLICAS, "no ready replica with fresh signals"
+        elif not local.unloaded_fits:
+            reason, detail = Reason.BUDGET_EXCEEDED, "cannot fit the budget even unloaded"
+        elif queue_full:
+            reason, detail = Reason.QUEUE_FULL, f"admission queue full for {prio.name}"
+        else:
+            reason, detail = Reason.NO_HEADROOM, "no capacity within the budget"
+        if remaining <= 0:
+            reason, detail = Reason.BUDGET_EXCEEDED, "budget already spent on arrival"
+        return self._shed(request, target, reason, detail, remaining, local)
+
+    def drain_queue(self, now: float) -> list[tuple[Request, Decision]]:
+        """Finish queued requests: SERVE those that now fit, SHED expired/displaced ones.
+
+        Every request that got QUEUE from a committed ``decide`` appears here exactly once.
+        """
+        out, self._finished = self._finished, []
+        for entry, reason in self._queue.expire(now):
+            target = self._queued_targets.pop(entry.seq)
+            detail = f"left the queue ({reason.value})"
+            out.append((entry.request, self._shed_entry(entry, target, reason, detail, now)))
+        blocked: set[tuple[str, str, int]] = set()
+        for entry in list(self._queue.ordered()):
+            req, target = entry.request, self._queued_targets[entry.seq]
+            key = (target.model, target.version, int(req.priority))
+            if key in blocked:
+                continue  # an earlier entry of the same version and priority could not start
+            remaining = req.remaining_ms(now)
+            tokens = self._output_tokens(req, target.model_info)
+            local = self._scan(target, req, tokens, remaining, now)
+            if local.pick is None or local.pick.queue_ms > 0 or not local.fits:
+                blocked.add(key)
+                continue
+            self._queue.remove(entry)
+            del self._queued_targets[entry.seq]
+            decision = self._serve(
+                req, target, local.pick, remaining, now, True, Reason.QUEUE_SERVED
+            )
+            out.append((req, _with_queue_ms(decision, (now - entry.enqueued_at) * 1000.0)))
+        return out
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def release(
+        self,
+        ticket_id: str,
+        outcome: Outcome,
+        now: float,
+        ttft_ms: float = 0.0,
+        total_ms: float = 0.0,
+        output_tokens: int = 0,
+    ) -> bool:
+        """End a ticket; OK outcomes teach the lane's service rate. False if unknown/expired."""
+        held = self._tickets.pop(ticket_id)
+        if held is None:
+            return False
+        held.lane.release()
+        if outcome is Outcome.OK:
+            held.lane.learn(
+                total_ms, ttft_ms, output_tokens, held.predicted_prefill_ms, held.predicted_itl_ms
+            )
+            if held.lane.replica in self._breakers:
+                self.record_result(held.lane.replica, True, now)
+        elif outcome is Outcome.ERROR:
+            self.record_result(held.lane.replica, False, now)
+        return True
+
+    def renew(self, ticket_id: str, now: float, lease_ms: int = 0) -> Ticket | None:
+        """Extend a live ticket's lease (0 = default, capped at the default); None if expired."""
+        return self._tickets.renew(ticket_id, now, lease_ms)
+
+    def expire_tickets(self, now: float) -> list[str]:
+        """Free every ticket whose lease ran out (accounting heals); returns their ids."""
+        expired = self._tickets.expire(now)
+        for held in expired:
+            held.lane.release()
+        return [held.ticket.id for held in expired]
+
+    def summary(self, now: float) -> NeighbourSummary:
+        """This region's RegionSummary for peers (stale lanes count as no headroom)."""
+        self._summary_seq += 1
+        return build_summary(
+            self._lanes, self._region, self._zone, now, self._cfg, len(self._queue),
+            self._summary_seq, self.overflow_in_total, self.overflow_out_total,
+            self._fleet.revision if self._fleet else 0,
+        )  # fmt: skip
+
+    @property
+    def queue_len(self) -> int:
+        """Requests parked in the admission queue."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Live tickets."""
+        return len(self._tickets)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _resolve(self, fleet: FleetView, req: Request, commit: bool) -> _Target:
+        entry = self._sessions.get(req.session_id) if req.session_id else None
+        if (
+            entry is not None
+            and entry.requested == req.model
+            and (entry.model, entry.version) in fleet.versions
+        ):
+            model, version, replica, pinned = entry.model, entry.version, entry.replica, True
+        else:
+            u = self._uniform(req, commit) if fleet.is_alias(req.model) else 0.0
+            model, version = fleet.resolve(req.model, self._region, u)
+            replica, pinned = "", False
+        alias = fleet.is_alias(req.model)
+        info, model_info = fleet.versions[(model, version)], fleet.models[model]
+        return _Target(req.model, model, version, info, model_info, alias, pinned, replica)
+
+    def _uniform(self, req: Request, commit: bool) -> float:
+        # Dry runs must not advance the RNG (that would change later committed decisions),
+        # so they draw from a stable hash of the request instead.
+        if commit:
+            return self._rng.random()
+        return zlib.crc32((req.session_id or req.request_id).encode()) / 2**32
+
+    def _output_tokens(self, req: Request, model: ModelInfo) -> int:
+        tokens = req.max_tokens if req.max_tokens > 0 else self._cfg.default_output_tokens
+        return min(tokens, model.max_output_tokens) if model.max_output_tokens > 0 else tokens
+
+    def _mask(self, model: str, version: str, salt: str) -> int:
+        key = (model, version, salt)
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) > 65536:
+                self._masks.clear()  # a pure memo: bounded, recomputed on demand
+            mask = self._masks[key] = namespace_mask(model, version, salt)
+        return mask
+
+    def _scan(
+        self, target: _Target, req: Request, tokens: int, remaining: float, now: float
+    ) -> Scan:
+        lanes = self._lanes.of_version(target.model, target.version)
+        if not lanes:
+            return NO_CANDIDATES
+        cfg = self._cfg
+        holders, cached = _NO_HOLDERS, 0
+        hashes = req.prefix_block_hashes
+        if len(hashes) >= max(cfg.min_prefix_blocks, 1):
+            mask = self._mask(target.model, target.version, req.cache_salt)
+            depth, holders = self._prefix.match(mask, hashes, cfg.min_prefix_blocks)
+            cached = min(depth * req.block_size_tokens, req.prompt_tokens)
+        return scan(
+            lanes, now, now - cfg.stale_after_s, int(req.priority), req.prompt_tokens, tokens,
+            remaining, cfg.epsilon, holders, cached, target.session_replica,
+        )  # fmt: skip
+
+    def _serve(
+        self,
+        req: Request,
+        target: _Target,
+        pick: Pick,
+        remaining: float,
+        now: float,
+        commit: bool,
+        reason: Reason,
+        action: Action = Action.SERVE,
+        degrade: Degrade | None = None,
+    ) -> Decision:
+        lane = pick.lane
+        ticket = None
+        if commit:
+            lane.admit()
+            if lane.breaker is not None:
+                lane.breaker.on_attempt(now)
+            if req.prefix_block_hashes:
+                mask = self._mask(target.model, target.version, req.cache_salt)
+                self._prefix.touch(lane.id, mask, req.prefix_block_hashes)
+            if req.session_id and action is Action.SERVE:
+                entry = SessionEntry(target.requested, target.model, target.version, lane.replica)
+                self._sessions.put(req.session_id, entry)
+            if req.hops > 0:
+                self.overflow_in_total += 1
+            predicted_prefill = pick.queue_ms + pick.prefill_ms
+            ticket = self._tickets.issue(lane, now, predicted_prefill, pick.itl_ms)
+        return Decision(
+            action, reason, f"{lane.replica}: predicted {pick.total_ms:.0f} ms of "
+            f"{remaining:.0f} ms", pick.estimate(remaining), self._region, lane.replica,
+            lane.endpoint, lane.model, lane.version, lane.triton_model_name,
+            lane.triton_model_version, degrade, ticket=ticket,
+        )  # fmt: skip
+
+    def _overflow(
+        self,
+        fleet: FleetView,
+        req: Request,
+        target: _Target,
+        tokens: int,
+        remaining: float,
+        now: float,
+        commit: bool,
+    ) -> Decision | None:
+        # An alias request not pinned by its session may take any version the alias maps
+        # to in the neighbour region; a pinned one needs exactly its version.
+        alias = target.requested if target.alias and not target.pinned else ""
+        found = pick_neighbour(
+            fleet, self._region, self._neighbours, self._cfg, req,
+            (target.model, target.version), alias, tokens, remaining, now,
+        )  # fmt: skip
+        if found is None:
+            return None
+        region, state, model, version, est = found
+        if commit:
+            state.bucket.take(now)
+            state.breaker.on_attempt(now)
+            self.overflow_out_total += 1
+            if req.session_id:
+                self._sessions.put(req.session_id, SessionEntry(req.model, model, version, ""))
+        info = fleet.versions[(model, version)]
+        return Decision(
+            Action.OVERFLOW, Reason.OVERFLOW_FIT,
+            f"{region.id}: predicted {est.total_ms:.0f} ms incl. {est.network_ms:.0f} ms RTT",
+            est, region.id, "", region.gateway_endpoint, model, version,
+            info.triton_model_name, info.triton_model_version,
+        )  # fmt: skip
+
+    def _enqueue(
+        self,
+        req: Request,
+        target: _Target,
+        pick: Pick,
+        wait_ms: float,
+        remaining: float,
+        now: float,
+        commit: bool,
+    ) -> Decision:
+        if commit:
+            latest = now + (remaining - pick.prefill_ms - pick.decode_ms) / 1000.0
+            entry, displaced = self._queue.push(req, now, latest)
+            assert entry is not None  # has_room() was checked by the caller
+            self._queued_targets[entry.seq] = target
+            if displaced is not None:
+                victim = self._queued_targets.pop(displaced.seq)
+                detail = f"displaced by a {req.priority.name} request"
+                shed = self._shed_entry(displaced, victim, Reason.DISPLACED, detail, now)
+                self._finished.append((displaced.request, shed))
+        lane = pick.lane
+        est = pick.estimate(remaining)
+        return Decision(
+            Action.QUEUE, Reason.QUEUED, f"wait ~{wait_ms:.0f} ms for a slot", est,
+            self._region, lane.replica, lane.endpoint, lane.model, lane.version,
+            lane.triton_model_name, lane.triton_model_version, queue_ms=wait_ms,
+        )  # fmt: skip
+
+    def _degrade(
+        self,
+        fleet: FleetView,
+        req: Request,
+        target: _Target,
+        tokens: int,
+        remaining: float,
+        now: float,
+        commit: bool,
+    ) -> Decision | None:
+        fallback = target.model_info.fallback_model
+        if fallback and fallback in fleet.models:
+            try:
+                model, version = fleet.resolve(fallback, self._region, self._uniform(req, commit))
+            except PolicyError:
+                model = ""
+            if model:
+                fb = _Target(
+                    fallback, model, version, fleet.versions[(model, version)],
+                    fleet.models[model], False, False, "",
+                )  # fmt: skip
+                fb_tokens = self._output_tokens(req, fb.model_info)
+                local = self._scan(fb, req, fb_tokens, remaining, now)
+                if local.fits and local.pick is not None:
+                    deg = Degrade(fallback_model=model)
+                    return self._serve(
+                        req, fb, local.pick, remaining, now, commit,
+                        Reason.DEGRADE_FALLBACK, Action.DEGRADE, deg,
+                    )  # fmt: skip
+        lanes = self._lanes.of_version(target.model, target.version)
+        fresh_after = now - self._cfg.stale_after_s
+        capped, pick = max_tokens_that_fit(
+            lanes, now, fresh_after, int(req.priority), req.prompt_tokens, remaining
+        )
+        if pick is None or capped < max(self._cfg.min_degrade_tokens, 1) or capped >= tokens:
+            return None
+        deg = Degrade(max_tokens=capped)
+        return self._serve(
+            req, target, pick, remaining, now, commit, Reason.DEGRADE_MAX_TOKENS,
+            Action.DEGRADE, deg,
+        )  # fmt: skip
+
+    def _queue_ahead_ms(self, local: Scan, prio: Priority) -> float:
+        ahead = self._queue.ahead(prio)
+        if not ahead:
+            return 0.0
+        return ahead / local.drain_rate if local.drain_rate > 0 else math.inf
+
+    def _retry_after_ms(self, local: Scan, prio: Priority) -> int:
+        # Time for the backlog ahead of this request (admission queue + replica queues) to
+        # drain at the candidates' completion rate, clamped.
+        cfg = self._cfg
+        if local.drain_rate <= 0:
+            ms = float(cfg.retry_after_no_capacity_ms)
+        else:
+            ms = (self._queue.ahead(prio) + local.backlog + 1) / local.drain_rate
+        return int(min(cfg.retry_after_max_ms, max(cfg.retry_after_min_ms, math.ceil(ms))))
+
+    def _shed(
+        self,
+        req: Request,
+        target: _Target,
+        reason: Reason,
+        detail: str,
+        remaining: float,
+        local: Scan,
+    ) -> Decision:
+        if reason is Reason.RESIDENCY:
+            retry = self._cfg.retry_after_max_ms  # only a fleet change helps
+        else:
+            retry = self._retry_after_ms(local, req.priority)
+        pick = local.pick
+        est = pick.estimate(remaining) if pick is not None else Estimate(budget_ms=remaining)
+        return Decision(
+            Action.SHED, reason, detail, est, self._region, model=target.model,
+            version=target.version, triton_model_name=target.info.triton_model_name,
+            triton_model_version=target.info.triton_model_version, retry_after_ms=retry,
+        )  # fmt: skip
+
+    def _shed_entry(
+        self, entry: QueueEntry, target: _Target, reason: Reason, detail: str, now: float
+    ) -> Decision:
+        req = entry.request
+        remaining = req.remaining_ms(now)
+        tokens = self._output_tokens(req, target.model_info)
+        local = self._scan(target, req, tokens, remaining, now)  # for retry-after only
+        shed = self._shed(req, target, reason, detail, remaining, replace(local, pick=None))
+        return _with_queue_ms(shed, (now - entry.enqueued_at) * 1000.0)
+
+
+def _with_queue_ms(decision: Decision, queue_ms: float) -> Decision:
+    return replace(decision, queue_ms=queue_ms)

@@ -1,0 +1,412 @@
+"""One test per branch of the decision flow (DESIGN.md "Admission policy"), reason asserted."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from spillgate.core.decision import Action, Outcome, Priority, Reason
+from spillgate.core.errors import InvalidRequest, NoFleet, UnknownModel
+from spillgate.core.fleet import ReplicaStatus
+from spillgate.core.policy import Policy
+from spillgate.core.policy_config import PolicyConfig
+from tests.test_policy_world import (
+    LOCAL_8B,
+    V1,
+    V2,
+    make_fleet,
+    make_policy,
+    neighbour,
+    req,
+    saturate,
+    scrape,
+)
+
+PREFIX = tuple(range(1000, 1048))  # 48 blocks x 16 tokens = 768 cached tokens
+
+
+def test_serve_local_fit() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    d = policy.decide(req(), 0.0)
+    assert (d.action, d.reason) == (Action.SERVE, Reason.LOCAL_FIT)
+    assert d.replica in LOCAL_8B and d.endpoint == f"{d.replica}:8001"
+    assert (d.model, d.version, d.triton_model_name) == ("llama-8b", "v1", "llama8b_v1")
+    assert d.estimate.total_ms == pytest.approx(15 + 256 * 0.05 + 32 * 8.0)
+    assert d.ticket is not None and d.ticket.replica == d.replica
+    assert policy.in_flight == 1
+
+
+def test_serve_spreads_by_own_in_flight_between_scrapes() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    chosen = [policy.decide(req(), 0.0).replica for _ in range(8)]
+    assert sorted(chosen) == sorted(LOCAL_8B * 2)
+
+
+def test_serve_session_affinity_within_bounded_load() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    first = policy.decide(req(session_id="s1"), 0.0)
+    others = [r for r in LOCAL_8B if r != first.replica]
+    scrape(policy, 0.05, {first.replica: 3} | dict.fromkeys(others, 2))
+    d = policy.decide(req(session_id="s1", arrival=0.05), 0.05)
+    assert (d.action, d.reason, d.replica) == (Action.SERVE, Reason.SESSION_AFFINITY, first.replica)
+
+
+def test_serve_prefix_affinity_within_bounded_load() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    first = policy.decide(req(prompt_tokens=1024, prefix_block_hashes=PREFIX), 0.0)
+    others = [r for r in LOCAL_8B if r != first.replica]
+    scrape(policy, 0.05, {first.replica: 3} | dict.fromkeys(others, 2))
+    d = policy.decide(req(prompt_tokens=1024, prefix_block_hashes=PREFIX, arrival=0.05), 0.05)
+    assert (d.action, d.reason, d.replica) == (Action.SERVE, Reason.PREFIX_AFFINITY, first.replica)
+    assert d.estimate.cached_tokens == 768
+
+
+def test_prefix_affinity_yields_to_bounded_load() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    first = policy.decide(req(prompt_tokens=1024, prefix_block_hashes=PREFIX), 0.0)
+    others = [r for r in LOCAL_8B if r != first.replica]
+    scrape(policy, 0.05, {first.replica: 7} | dict.fromkeys(others, 2))
+    d = policy.decide(req(prompt_tokens=1024, prefix_block_hashes=PREFIX, arrival=0.05), 0.05)
+    assert (d.action, d.reason) == (Action.SERVE, Reason.LOCAL_FIT)
+    assert d.replica != first.replica
+
+
+def test_short_prefix_below_minimum_gives_no_affinity() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    short = PREFIX[:3]  # min_prefix_blocks = 4
+    policy.decide(req(prefix_block_hashes=short), 0.0)
+    d = policy.decide(req(prefix_block_hashes=short), 0.0)
+    assert d.reason is Reason.LOCAL_FIT and d.estimate.cached_tokens == 0
+
+
+def test_prefix_is_namespaced_by_cache_salt() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    policy.decide(req(prompt_tokens=1024, prefix_block_hashes=PREFIX, cache_salt="a"), 0.0)
+    d = policy.decide(req(prompt_tokens=1024, prefix_block_hashes=PREFIX, cache_salt="b"), 0.0)
+    assert d.estimate.cached_tokens == 0
+
+
+def test_overflow_fit_to_nearest_neighbour_with_headroom() -> None:
+    policy = make_policy()
+    saturate(policy, 0.0)
+    for region in ("us-west", "eu"):
+        policy.observe_neighbour(neighbour(region, 0.0), 0.0)
+    d = policy.decide(req(), 0.0)
+    assert (d.action, d.reason, d.region) == (Action.OVERFLOW, Reason.OVERFLOW_FIT, "us-west")
+    assert d.endpoint == "gw-us-west:443" and d.estimate.network_ms == 40.0
+    assert d.ticket is None and policy.overflow_out_total == 1
+
+
+def test_overflow_skips_neighbour_whose_prediction_misses_budget() -> None:
+    policy = make_policy()
+    saturate(policy, 0.0)
+    policy.observe_neighbour(neighbour("us-west", 0.0, queue_ms=2000.0), 0.0)
+    policy.observe_neighbour(neighbour("eu", 0.0), 0.0)
+    assert policy.decide(req(), 0.0).region == "eu"
+
+
+def test_overflow_ignores_stale_neighbour_summary() -> None:
+    policy = make_policy()
+    policy.observe_neighbour(neighbour("us-west", 0.0), 0.0)
+    saturate(policy, 5.0)
+    d = policy.decide(req(arrival=5.0, priority=Priority.HIGH), 5.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_HEADROOM)
+
+
+def test_forwarded_request_never_overflows_again() -> None:
+    policy = make_policy()
+    saturate(policy, 0.0)
+    policy.observe_neighbour(neighbour("us-west", 0.0), 0.0)
+    d = policy.decide(req(hops=1, priority=Priority.HIGH), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_HEADROOM)
+
+
+def test_overflow_hysteresis() -> None:
+    policy = make_policy()
+    saturate(policy, 0.0)
+    seq = iter(range(1, 100))
+
+    def admits(ratio: float) -> bool:
+        summary = neighbour("us-west", 0.0, ratio=ratio, sequence=next(seq))
+        policy.observe_neighbour(summary, 0.0)
+        return policy.decide(req(), 0.0, commit=False).action is Action.OVERFLOW
+
+    assert not admits(0.15)  # below enter (0.2)
+    assert admits(0.25)
+    assert admits(0.15)  # above exit (0.1): keeps admitting
+    assert not admits(0.05)
+    assert not admits(0.15)  # must climb past enter again
+
+
+def test_queue_then_served_when_a_slot_frees() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 6))  # LOW may use 6 of 8 slots
+    r = req(priority=Priority.LOW)
+    d = policy.decide(r, 0.0)
+    assert (d.action, d.reason) == (Action.QUEUE, Reason.QUEUED)
+    assert 0 < d.queue_ms <= 2000 and policy.queue_len == 1
+    assert policy.drain_queue(0.01) == []
+    scrape(policy, 0.3)
+    [(done, final)] = policy.drain_queue(0.3)
+    assert done is r
+    assert (final.action, final.reason) == (Action.SERVE, Reason.QUEUE_SERVED)
+    assert final.queue_ms == pytest.approx(300.0) and final.ticket is not None
+    assert policy.queue_len == 0
+
+
+def test_queue_band_ttl_expires_to_shed() -> None:
+    ttl = dict(PolicyConfig().band_ttl_s) | {Priority.LOW: 0.6}
+    policy = make_policy(PolicyConfig(band_ttl_s=ttl))
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 6))
+    assert policy.decide(req(priority=Priority.LOW), 0.0).action is Action.QUEUE
+    scrape(policy, 0.7, dict.fromkeys(LOCAL_8B, 6))
+    [(_, final)] = policy.drain_queue(0.7)
+    assert (final.action, final.reason) == (Action.SHED, Reason.QUEUE_TTL)
+    assert final.retry_after_ms > 0
+
+
+def test_queue_request_deadline_expires_to_shed() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 6))
+    assert policy.decide(req(priority=Priority.LOW, budget_ms=900.0), 0.0).action is Action.QUEUE
+    [(_, final)] = policy.drain_queue(0.7)
+    assert (final.action, final.reason) == (Action.SHED, Reason.QUEUE_DEADLINE)
+
+
+def test_queue_full_sheds() -> None:
+    policy = make_policy(PolicyConfig(queue_capacity=1))
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 6))
+    assert policy.decide(req(priority=Priority.LOW), 0.0).action is Action.QUEUE
+    d = policy.decide(req(priority=Priority.LOW), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.QUEUE_FULL)
+
+
+def test_higher_priority_displaces_lowest_newest() -> None:
+    ttl = dict(PolicyConfig().band_ttl_s) | {Priority.HIGH: 1.0}
+    policy = make_policy(PolicyConfig(queue_capacity=1, band_ttl_s=ttl))
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 6))
+    low = req(priority=Priority.LOW)
+    assert policy.decide(low, 0.0).action is Action.QUEUE
+    scrape(policy, 0.01, dict.fromkeys(LOCAL_8B, 8))
+    assert policy.decide(req(priority=Priority.HIGH), 0.01).action is Action.QUEUE
+    [(victim, final)] = policy.drain_queue(0.02)
+    assert victim is low and (final.action, final.reason) == (Action.SHED, Reason.DISPLACED)
+
+
+def test_degrade_to_fallback_model() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys((*LOCAL_8B, "us-4"), 40))
+    d = policy.decide(req(allow_degrade=True, priority=Priority.HIGH), 0.0)
+    assert (d.action, d.reason) == (Action.DEGRADE, Reason.DEGRADE_FALLBACK)
+    assert d.degrade is not None and d.degrade.fallback_model == "llama-1b"
+    assert (d.model, d.replica, d.triton_model_name) == ("llama-1b", "us-5", "llama1b_v1")
+    assert d.ticket is not None
+
+
+def test_degrade_caps_max_tokens() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    d = policy.decide(req(allow_degrade=True, max_tokens=200), 0.0)
+    assert (d.action, d.reason) == (Action.DEGRADE, Reason.DEGRADE_MAX_TOKENS)
+    assert d.degrade is not None and d.degrade.max_tokens == int((1200 - 27.8) // 8)
+    assert d.estimate.total_ms <= 1200
+
+
+def test_no_degrade_unless_allowed() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    d = policy.decide(req(max_tokens=200), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.BUDGET_EXCEEDED)
+
+
+def test_shed_residency_when_local_zone_differs() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    policy.observe_neighbour(neighbour("us-west", 0.0), 0.0)
+    d = policy.decide(req(residency_zone="eu"), 0.0)
+    assert (d.action, d.reason, d.replica) == (Action.SHED, Reason.RESIDENCY, "")
+
+
+def test_residency_overflow_to_in_zone_neighbour() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    policy.observe_neighbour(neighbour("us-west", 0.0), 0.0)
+    policy.observe_neighbour(neighbour("eu", 0.0), 0.0)
+    d = policy.decide(req(residency_zone="eu"), 0.0)
+    assert (d.action, d.reason, d.region) == (Action.OVERFLOW, Reason.OVERFLOW_FIT, "eu")
+
+
+def test_shed_no_replicas_without_fresh_signals() -> None:
+    policy = make_policy()
+    d = policy.decide(req(), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_REPLICAS)
+    scrape(policy, 0.0)
+    d = policy.decide(req(arrival=1.0), 1.0)  # scrape is 1 s old: stale = saturated
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_REPLICAS)
+    assert d.retry_after_ms == PolicyConfig().retry_after_no_capacity_ms
+
+
+def test_shed_no_headroom_with_retry_after_from_drain_rate() -> None:
+    policy = make_policy()
+    saturate(policy, 0.0, extra=16)
+    d = policy.decide(req(priority=Priority.HIGH), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_HEADROOM)
+    saturate(policy, 0.0, extra=64)
+    later = policy.decide(req(priority=Priority.HIGH), 0.0)
+    assert later.reason is Reason.NO_HEADROOM
+    assert 50 <= d.retry_after_ms < later.retry_after_ms <= 30_000
+
+
+def test_shed_budget_exceeded() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    d = policy.decide(req(prompt_tokens=100_000), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.BUDGET_EXCEEDED)
+    late = policy.decide(req(arrival=0.0), 2.0)
+    assert late.reason is Reason.BUDGET_EXCEEDED
+
+
+def test_lower_priority_sheds_first() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 7))  # 1 slot left of 8 on each
+    assert policy.decide(req(priority=Priority.HIGH), 0.0, commit=False).action is Action.SERVE
+    assert policy.decide(req(priority=Priority.BATCH), 0.0, commit=False).action is not Action.SERVE
+
+
+def test_candidates_exclude_draining_not_ready_and_open_breakers() -> None:
+    states = {"us-1": ReplicaStatus.DRAINING, "us-2": ReplicaStatus.NOT_READY}
+    policy = make_policy(fleet=make_fleet(states))
+    scrape(policy, 0.0)
+    for _ in range(5):
+        policy.record_result("us-0", False, 0.0)
+    policy.set_draining("us-3", True)
+    d = policy.decide(req(), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_REPLICAS)
+    policy.set_draining("us-3", False)
+    assert {policy.decide(req(), 0.0).replica for _ in range(3)} == {"us-3"}
+    scrape(policy, 31.0)  # breaker half-open after 30 s: exactly one probe
+    replicas = [policy.decide(req(arrival=31.0), 31.0).replica for _ in range(6)]
+    assert replicas.count("us-0") == 1
+
+
+def test_canary_weights_and_session_pinning() -> None:
+    policy = make_policy(seed=3)
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 0))
+    versions = [policy.decide(req(model="chat"), 0.0, commit=False).version for _ in range(1)]
+    assert versions
+    counts = {"v1": 0, "v2": 0}
+    for i in range(2000):
+        d = policy.decide(req(model="chat", session_id=f"s{i}"), 0.0)
+        counts[d.version] += 1
+        ticket = d.ticket
+        assert ticket is not None
+        policy.release(ticket.id, Outcome.OK, 0.0)
+    assert 120 < counts["v2"] < 280  # 10 % canary in us
+    pinned = next(i for i in range(2000) if counts and _version_of(policy, f"s{i}") == "v2")
+    for _ in range(20):
+        d = policy.decide(req(model="chat", session_id=f"s{pinned}"), 0.0)
+        assert (d.model, d.version) == V2
+
+
+def _version_of(policy: Policy, session: str) -> str:
+    return policy.decide(req(model="chat", session_id=session), 0.0, commit=False).version
+
+
+def test_dry_run_changes_nothing() -> None:
+    policy = make_policy()
+    saturate(policy, 0.0)
+    one_token = neighbour("us-west", 0.0, free=5, ratio=0.5, versions=(V1,))  # 10 slots x 0.1
+    policy.observe_neighbour(one_token, 0.0)
+    dry = [policy.decide(req(request_id="same", model="chat"), 0.0, commit=False) for _ in range(5)]
+    assert all(d == dry[0] for d in dry) and dry[0].action is Action.OVERFLOW
+    assert policy.in_flight == 0 and policy.overflow_out_total == 0
+    assert policy.decide(req(), 0.0).action is Action.OVERFLOW  # the token is still there
+    assert policy.decide(req(), 0.0).action is Action.SHED
+
+
+def test_errors() -> None:
+    with pytest.raises(NoFleet):
+        Policy(PolicyConfig(), "us", __import__("random").Random(0)).decide(req(), 0.0)
+    policy = make_policy()
+    with pytest.raises(UnknownModel):
+        policy.decide(req(model="nope"), 0.0)
+    with pytest.raises(UnknownModel):
+        policy.decide(req(model="llama-8b@v9"), 0.0)
+    with pytest.raises(InvalidRequest) as err:
+        policy.decide(req(prompt_tokens=-1), 0.0)
+    assert err.value.field == "prompt_tokens"
+    with pytest.raises(InvalidRequest) as err:
+        policy.decide(req(model="llama-8b"), 0.0)  # two versions: must pin
+    assert err.value.field == "model"
+    with pytest.raises(InvalidRequest):
+        Priority.from_wire(9)
+    assert Priority.from_wire(0) is Priority.NORMAL
+
+
+def test_release_learns_and_expiry_heals() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    itl_before = policy.summary(0.0).models[1].itl_ms
+    for _ in range(10):
+        d = policy.decide(req(), 0.0)
+        assert d.ticket is not None
+        assert policy.release(
+            d.ticket.id, Outcome.OK, 0.5, ttft_ms=30, total_ms=526, output_tokens=32
+        )
+        assert not policy.release(d.ticket.id, Outcome.OK, 0.5)
+    assert policy.summary(0.0).models[1].itl_ms > itl_before
+    d = policy.decide(req(), 0.0)
+    assert d.ticket is not None and policy.in_flight == 1
+    renewed = policy.renew(d.ticket.id, 20.0, 5_000)
+    assert renewed is not None and renewed.lease_expires_at == pytest.approx(25.0)
+    assert policy.expire_tickets(24.0) == []
+    assert policy.expire_tickets(25.0) == [d.ticket.id]
+    assert policy.in_flight == 0 and policy.renew(d.ticket.id, 26.0) is None
+
+
+def test_summary_counts_stale_lanes_as_saturated() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0, {"us-0": 2})
+    fresh = {(m.model, m.version): m for m in policy.summary(0.0).models}
+    v1 = fresh[("llama-8b", "v1")]
+    assert (v1.healthy_replicas, v1.free_slots) == (4, 30)
+    assert v1.headroom_ratio == pytest.approx(30 / 32)
+    stale = {(m.model, m.version): m for m in policy.summary(1.0).models}
+    assert stale[("llama-8b", "v1")].free_slots == 0
+    assert stale[("llama-8b", "v1")].headroom_ratio == 0.0
+
+
+def test_summary_round_trips_as_neighbour_input() -> None:
+    eu = Policy(PolicyConfig(), "eu", __import__("random").Random(0))
+    eu.set_fleet(make_fleet())
+    eu.observe_signals("eu-0", _signals_all(0.0), 0.0)
+    us = make_policy()
+    saturate(us, 0.0)
+    us.observe_neighbour(eu.summary(0.0), 0.0)
+    d = us.decide(req(), 0.0)
+    assert (d.action, d.region) == (Action.OVERFLOW, "eu")
+
+
+def _signals_all(now: float):  # type: ignore[no-untyped-def]
+    from spillgate.core.signals import ModelLoad, Signals
+
+    idle = ModelLoad(running=0, waiting=0)
+    return Signals(now, {"llama8b_v1": idle, "llama1b_v1": idle})
+
+
+def test_request_helpers() -> None:
+    from spillgate.core.decision import resolve_budget_ms
+
+    assert resolve_budget_ms(1200, 0, None, 0.0) == 1200
+    assert resolve_budget_ms(1200, 500, None, 0.0) == 500
+    assert resolve_budget_ms(1200, 500, 10.2, 10.0) == pytest.approx(200)
+    r = replace(req(), budget_ms=100.0, arrival=1.0)
+    assert r.remaining_ms(1.05) == pytest.approx(50.0)
