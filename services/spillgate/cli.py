@@ -113,6 +113,13 @@ def parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate registry --help`")
     reg.set_defaults(func=_registry)
+    a = sub.add_parser(
+        "admission",
+        help="one region's admission service: `spillgate admission serve --region R ...`",
+        add_help=False,
+    )
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+    a.set_defaults(func=lambda _: (print("usage: spillgate admission serve --help"), 2)[1])
     return p
 
 
@@ -123,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from spillgate.registry.cli import main as registry_main
 
         return registry_main(argv[1:])
+    if argv[:2] == ["admission", "serve"]:
+        from spillgate.admission.app import main as admission_main
+
+        return admission_main(argv[2:])
     args = parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -55,7 +55,11 @@ class _Target:
 class Policy:
     """Admission policy state of one region: lanes, affinity, breakers, buckets, queue."""
 
-    def __init__(self, config: PolicyConfig, region: str, rng: random.Random) -> None:
+    def __init__(
+        self, config: PolicyConfig, region: str, rng: random.Random, instance: str = ""
+    ) -> None:
+        """``instance`` tells apart admissions of one region (and restarts): ticket ids are
+        ``<region>-<instance>-<n>``, so a late Release never frees another run's ticket."""
         config.validate()
         self._cfg = config
         self._region = region
@@ -71,7 +75,8 @@ class Policy:
         self._queue = AdmissionQueue(config.queue_capacity, config.band_capacity, config.band_ttl_s)
         self._queued_targets: dict[int, _Target] = {}
         self._finished: list[tuple[Request, Decision]] = []
-        self._tickets = TicketBook(region, config.ticket_lease_s)
+        prefix = f"{region}-{instance}" if instance else region
+        self._tickets = TicketBook(region, config.ticket_lease_s, prefix)
         self._summary_seq = 0
         self.overflow_in_total = 0
         self.overflow_out_total = 0
@@ -245,6 +250,17 @@ class Policy:
             held.lane.release()
         return [held.ticket.id for held in expired]
 
+    def in_flight_on(self, replica: str) -> int:
+        """Live tickets held on ``replica``."""
+        return self._tickets.on_replica(replica)
+
+    def drop_tickets(self, replica: str) -> list[str]:
+        """End every ticket on ``replica`` now (a drain's hard deadline); returns their ids."""
+        dropped = self._tickets.drop_replica(replica)
+        for held in dropped:
+            held.lane.release()
+        return [held.ticket.id for held in dropped]
+
     def summary(self, now: float) -> NeighbourSummary:
         """This region's RegionSummary for peers (stale lanes count as no headroom)."""
         self._summary_seq += 1
@@ -253,6 +269,11 @@ class Policy:
             self._summary_seq, self.overflow_in_total, self.overflow_out_total,
             self._fleet.revision if self._fleet else 0,
         )  # fmt: skip
+
+    @property
+    def fleet(self) -> FleetView | None:
+        """The fleet view in use (None before the first registry snapshot)."""
+        return self._fleet
 
     @property
     def queue_len(self) -> int:

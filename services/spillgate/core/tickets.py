@@ -27,8 +27,9 @@ class Held:
 class TicketBook:
     """Issues deterministic ticket ids ``<region>-<n>`` and tracks their leases."""
 
-    def __init__(self, region: str, lease_s: float) -> None:
+    def __init__(self, region: str, lease_s: float, prefix: str = "") -> None:
         self._region = region
+        self._prefix = prefix or region
         self._lease_ms = int(lease_s * 1000)
         self._held: dict[str, Held] = {}
         self._leases: list[tuple[float, str]] = []
@@ -42,7 +43,7 @@ class TicketBook:
         self._seq += 1
         expires = now + self._lease_ms / 1000.0
         ticket = Ticket(
-            f"{self._region}-{self._seq}", self._region, lane.replica, expires, self._lease_ms
+            f"{self._prefix}-{self._seq}", self._region, lane.replica, expires, self._lease_ms
         )
         self._held[ticket.id] = Held(ticket, lane, prefill_ms, itl_ms)
         heapq.heappush(self._leases, (expires, ticket.id))
@@ -73,6 +74,13 @@ class TicketBook:
             if held is not None and held.ticket.lease_expires_at == expires:
                 del self._held[key]
                 out.append(held)
+        return out
+
+    def drop_replica(self, replica: str) -> list[Held]:
+        """Remove and return every ticket held on ``replica`` (a drain's hard deadline)."""
+        out = [h for h in self._held.values() if h.lane.replica == replica]
+        for held in out:
+            del self._held[held.ticket.id]
         return out
 
     def on_replica(self, replica: str) -> int:

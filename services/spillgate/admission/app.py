@@ -1,0 +1,203 @@
+"""`spillgate admission serve`: one region's admission service, wired to its inputs.
+
+Registry (RegistryClient: fleet view, scrape/health/peer targets) -> Policy; replica
+metrics (Scraper) -> load signals; health checks (ServerLive/ModelReady/canary) -> replica
+breakers; neighbour admissions (WatchRegion) -> overflow headroom. The gRPC server reports
+NOT_SERVING on grpc.health.v1 until the first registry snapshot has arrived (Admit answers
+UNAVAILABLE until then) and keeps deciding on the last snapshot if the registry goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from spillgate._proto import admission_pb2, admission_pb2_grpc, common_pb2
+from spillgate.admission.convert import fleet_from_state, summary_from_proto
+from spillgate.admission.health import CheckKind, HealthChecker, HealthEvent, HealthTarget
+from spillgate.admission.peers import Peers
+from spillgate.admission.service import AdmissionServicer
+from spillgate.admission.signals import Scraper, ScrapeTarget, backend_kind
+from spillgate.core.policy import Policy
+from spillgate.core.policy_config import PolicyConfig
+from spillgate.core.signals import Signals
+from spillgate.registry.client import RegistryClient
+from spillgate.registry.store import MODEL, REGION, REPLICA
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = admission_pb2.DESCRIPTOR.services_by_name["AdmissionService"].full_name
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+class Admission:
+    """The running admission of one region: policy, servicer and its input feeds."""
+
+    def __init__(
+        self, region: str, registry: str, config: PolicyConfig | None = None, seed: int = 0
+    ) -> None:
+        self.region = region
+        self.config = config or PolicyConfig()
+        instance = uuid.uuid4().hex[:6]
+        self.policy = Policy(self.config, region, random.Random(seed), instance=instance)
+        self.servicer = AdmissionServicer(self.policy, region, self.config)
+        self.registry = RegistryClient(registry)
+        self.scraper = Scraper(on_signals=self._on_signals)
+        self.health = HealthChecker(on_event=self._on_health)
+        self.peers = Peers(region, self._on_summary)
+        self.health_servicer = health.aio.HealthServicer()
+
+    # -- feeds ------------------------------------------------------------------------------
+
+    def _on_signals(self, replica: str, signals: Signals) -> None:
+        self.policy.observe_signals(replica, signals, time.monotonic())
+        self.servicer.kick()
+
+    def _on_health(self, event: HealthEvent) -> None:
+        if event.kind in (CheckKind.LIVE, CheckKind.CANARY) or not event.ok:
+            self.policy.record_result(event.replica_id, event.ok, time.monotonic())
+
+    def _on_summary(self, summary: common_pb2.RegionSummary) -> None:
+        clocks = self.servicer.clocks()
+        self.policy.observe_neighbour(summary_from_proto(summary, clocks), clocks.mono)
+
+    def _on_registry(self, revision: int) -> None:
+        state = self.registry.state
+        try:
+            fleet = fleet_from_state(state, revision)
+        except ValueError:
+            log.exception("registry revision %d is inconsistent; keeping the last one", revision)
+            return
+        first = self.policy.fleet is None
+        self.policy.set_fleet(fleet)
+        kinds = {}
+        for (kind, key), entity in state.items():
+            if kind == MODEL:
+                kinds[key] = entity.model.kind
+        scrape, checks = {}, {}
+        for (kind, _), entity in state.items():
+            if kind != REPLICA or entity.replica.region != self.region:
+                continue
+            r = entity.replica
+            names = tuple(
+                fleet.versions[(v.model, v.version)].triton_model_name
+                for v in r.loaded
+                if (v.model, v.version) in fleet.versions
+            )
+            llm = [
+                fleet.versions[(v.model, v.version)].triton_model_name
+                for v in r.loaded
+                if (v.model, v.version) in fleet.versions
+                and kinds.get(v.model) == common_pb2.MODEL_KIND_LLM
+            ]
+            if r.metrics_endpoint:
+                backend = common_pb2.BackendKind.Name(r.backend).removeprefix("BACKEND_KIND_")
+                scrape[r.id] = ScrapeTarget(r.metrics_endpoint, backend_kind(backend))
+            checks[r.id] = HealthTarget(r.endpoint, names, llm[0] if llm else None)
+        self.scraper.set_targets(scrape)
+        self.health.set_targets(checks)
+        self.peers.set_targets(
+            {
+                e.region.id: e.region.admission_endpoint
+                for (kind, _), e in state.items()
+                if kind == REGION and e.region.id != self.region
+            }
+        )
+        self.servicer.kick()
+        if first:
+            log.info("first registry snapshot: revision %d", revision)
+            asyncio.get_running_loop().create_task(self._serving())
+
+    async def _serving(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, listen: Listen, stop: asyncio.Event) -> None:
+        server = grpc.aio.server()
+        admission_pb2_grpc.add_AdmissionServiceServicer_to_server(self.servicer, server)
+        for name in ("", SERVICE_NAME):
+            await self.health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server
+        )
+        bound = server.add_insecure_port(f"{listen.host}:{listen.port}")
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {listen.host}:{listen.port}")
+        await server.start()
+        await self.servicer.start()
+        self.registry.add_listener(self._on_registry)
+        await self.registry.start()
+        self.scraper.start()
+        self.health.start()
+        print(
+            f"spillgate admission ready grpc={listen.host}:{bound} region={self.region}",
+            flush=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await server.stop(grace=1.0)
+            await self.peers.close()
+            await self.health.close()
+            await self.scraper.close()
+            await self.registry.close()
+            await self.servicer.close()
+
+
+async def serve(region: str, registry: str, listen: Listen) -> None:
+    """Run until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Admission(region, registry).run(listen, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m spillgate.admission.app --region us --registry HOST:PORT [--port N]`."""
+    parser = argparse.ArgumentParser(prog="spillgate admission serve")
+    parser.add_argument("--region", required=True, help="region id (as in the registry)")
+    parser.add_argument(
+        "--registry",
+        default=os.environ.get("SPILLGATE_REGISTRY", "127.0.0.1:7070"),
+        help="registry gRPC address (default: $SPILLGATE_REGISTRY or %(default)s)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7080, help="gRPC port; 0 = any free port")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            asyncio.run(serve(args.region, args.registry, Listen(args.host, args.port)))
+        except OSError as exc:
+            print(f"spillgate admission: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Subscriptions to neighbour admissions' WatchRegion streams.
+
+One task per neighbour keeps a stream open and hands every RegionSummary to a callback;
+after any failure it reconnects with capped, jittered backoff. The policy ages summaries
+itself: a neighbour whose stream is down simply stops being fresh and so is never an
+overflow target (DESIGN.md principle 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from spillgate._proto import admission_pb2, admission_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """Subscription tunables."""
+
+    interval_ms: int = 100  # asked of each neighbour (also its liveness heartbeat)
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+
+
+class Peers:
+    """Keeps one WatchRegion subscription per neighbour region."""
+
+    def __init__(
+        self,
+        region: str,
+        on_summary: Callable[[common_pb2.RegionSummary], None],
+        config: PeersConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._region = region
+        self._on_summary = on_summary
+        self._config = config or PeersConfig()
+        self._rng = rng or random.Random()
+        self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self.connected: dict[str, bool] = {}
+
+    def set_targets(self, endpoints: Mapping[str, str]) -> None:
+        """Neighbour region -> admission endpoint; starts, restarts or stops subscriptions."""
+        for region, (endpoint, task) in list(self._tasks.items()):
+            if endpoints.get(region) != endpoint:
+                task.cancel()
+                del self._tasks[region]
+                self.connected.pop(region, None)
+        for region, endpoint in endpoints.items():
+            if region != self._region and endpoint and region not in self._tasks:
+                task = asyncio.create_task(self._follow(region, endpoint), name=f"peer-{region}")
+                self._tasks[region] = (endpoint, task)
+
+    async def close(self) -> None:
+        tasks = [task for _, task in self._tasks.values()]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _follow(self, region: str, endpoint: str) -> None:
+        c = self._config
+        delay = c.backoff_initial_s
+        request = admission_pb2.WatchRegionRequest(
+            subscriber_region=self._region, interval_ms=c.interval_ms
+        )
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(endpoint) as channel:
+                    stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+                    async for response in stub.WatchRegion(request):
+                        if not self.connected.get(region):
+                            log.info("following neighbour %s at %s", region, endpoint)
+                        self.connected[region] = True
+                        delay = c.backoff_initial_s
+                        if response.summary.region == region:
+                            self._on_summary(response.summary)
+                        else:
+                            log.warning(
+                                "%s answers for region %r, expected %r; ignoring it",
+                                endpoint,
+                                response.summary.region,
+                                region,
+                            )
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if self.connected.get(region, True):
+                    log.warning("neighbour %s at %s: %s", region, endpoint, exc.code().name)
+            except Exception:
+                log.exception("neighbour %s subscription failed", region)
+            self.connected[region] = False
+            await asyncio.sleep(delay * (1 - 0.2 * self._rng.random()))
+            delay = min(delay * 2, c.backoff_max_s)

@@ -1,0 +1,296 @@
+"""The admission service as processes: registry + replica simulators + two regions' admissions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from spillgate._proto import (
+    admission_pb2,
+    admission_pb2_grpc,
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica, start_service
+from tests.test_registry_service import Registry, start_registry
+
+_READY = re.compile(r"spillgate admission ready grpc=(\S+) region=(\S+)")
+DIGEST = "sha256:" + "cd" * 32
+SERVE = common_pb2.ACTION_SERVE
+OVERFLOW = common_pb2.ACTION_OVERFLOW
+SHED = common_pb2.ACTION_SHED
+
+
+def start_admission(region: str, registry: str) -> ServiceProcess:
+    args = ["spillgate.admission.app", "--region", region, "--registry", registry, "--port", "0"]
+    return start_service(args, _READY)
+
+
+@dataclass
+class World:
+    registry: Registry
+    replicas: list[ReplicaProcess]
+    us: ServiceProcess
+    eu: ServiceProcess
+
+    def stub(self, admission: ServiceProcess) -> admission_pb2_grpc.AdmissionServiceStub:
+        channel = grpc.insecure_channel(admission.ready[0])
+        self._channels.append(channel)
+        return admission_pb2_grpc.AdmissionServiceStub(channel)
+
+    def __post_init__(self) -> None:
+        self._channels: list[grpc.Channel] = []
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+
+def _region(id: str, zone: str, rtt: dict[str, float], admission: str) -> registry_pb2.Entity:
+    return registry_pb2.Entity(
+        region=registry_pb2.Region(
+            id=id, residency_zone=zone, rtt_ms=rtt, admission_endpoint=admission
+        )
+    )
+
+
+def _replica(id: str, region: str, rp: ReplicaProcess) -> registry_pb2.Entity:
+    return registry_pb2.Entity(
+        replica=registry_pb2.Replica(
+            id=id,
+            region=region,
+            pool="default",
+            endpoint=rp.grpc,
+            metrics_endpoint=f"http://{rp.metrics}/metrics",
+            backend=common_pb2.BACKEND_KIND_SIMULATOR,
+            loaded=[common_pb2.VersionRef(model="llm-small", version="v1")],
+            state=common_pb2.REPLICA_STATE_READY,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    registry = start_registry(tmp_path_factory.mktemp("admission") / "registry.db")
+    replicas = [start_replica("--speed", "20") for _ in range(3)]
+    us = start_admission("us", registry.address)
+    eu = start_admission("eu", registry.address)
+    entities = [
+        _region("us", "us", {"eu": 80.0}, us.ready[0]),
+        _region("eu", "eu", {"us": 80.0}, eu.ready[0]),
+        registry_pb2.Entity(
+            model=registry_pb2.Model(
+                id="llm-small",
+                kind=common_pb2.MODEL_KIND_LLM,
+                max_context_tokens=4096,
+                max_output_tokens=512,
+            )
+        ),
+        registry_pb2.Entity(
+            version=registry_pb2.Version(
+                model="llm-small",
+                version="v1",
+                artifact_digest=DIGEST,
+                triton_model_name="llm-small",
+            )
+        ),
+        registry_pb2.Entity(
+            alias=registry_pb2.Alias(
+                name="chat",
+                default_targets=registry_pb2.AliasTargets(
+                    targets=[registry_pb2.AliasTarget(model="llm-small", version="v1", weight=100)]
+                ),
+            )
+        ),
+        _replica("us-0", "us", replicas[0]),
+        _replica("us-1", "us", replicas[1]),
+        _replica("eu-0", "eu", replicas[2]),
+    ]
+    with grpc.insecure_channel(registry.address) as channel:
+        registry_pb2_grpc.RegistryServiceStub(channel).Apply(
+            registry_pb2.ApplyRequest(mutations=[registry_pb2.Mutation(put=e) for e in entities])
+        )
+    w = World(registry, replicas, us, eu)
+    try:
+        for admission in (us, eu):
+            with grpc.insecure_channel(admission.ready[0]) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                eventually(
+                    lambda h=health: (
+                        h.Check(health_pb2.HealthCheckRequest()).status  # type: ignore[misc]
+                        == health_pb2.HealthCheckResponse.SERVING
+                    )
+                )
+        yield w
+    finally:
+        w.close()
+        for proc in (us, eu, *replicas, registry):
+            proc.stop()
+
+
+def ctx(**fields: object) -> common_pb2.RequestContext:
+    base: dict[str, object] = {"model": "chat", "prompt_tokens": 100, "max_tokens": 16}
+    base.update(fields)
+    return common_pb2.RequestContext(**base)  # type: ignore[arg-type]
+
+
+Stub = admission_pb2_grpc.AdmissionServiceStub
+
+
+def release(stub: Stub, ticket_id: str) -> bool:
+    ok = admission_pb2.ReleaseRequest(ticket_id=ticket_id, outcome=admission_pb2.OUTCOME_OK)
+    found: bool = stub.Release(ok).found
+    return found
+
+
+def admit_serving(stub: Stub, **fields: object) -> common_pb2.Decision:
+    """Admit until the admission has fresh signals (right after start it sheds: no_replicas)."""
+
+    def attempt() -> common_pb2.Decision | None:
+        d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(**fields))).decision
+        if d.action == SHED and d.reason == "no_replicas":
+            return None
+        return d
+
+    result: common_pb2.Decision = eventually(attempt)
+    return result
+
+
+def test_admit_serves_locally_with_a_ticket_and_release_is_idempotent(world: World) -> None:
+    stub = world.stub(world.us)
+    d = admit_serving(stub)
+    assert d.action == SERVE, d
+    assert d.reason in ("local_fit", "prefix_affinity", "session_affinity")
+    assert d.region == "us" and d.replica in ("us-0", "us-1")
+    assert d.endpoint == {"us-0": world.replicas[0].grpc, "us-1": world.replicas[1].grpc}[d.replica]
+    assert d.model == "llm-small" and d.version == "v1" and d.triton_model_name == "llm-small"
+    assert d.ticket.id and d.ticket.replica == d.replica and d.ticket.region == "us"
+    assert 0 < d.estimate.total_ms <= d.estimate.budget_ms
+    release = admission_pb2.ReleaseRequest(
+        ticket_id=d.ticket.id, outcome=admission_pb2.OUTCOME_OK, ttft_ms=20, total_ms=150
+    )
+    assert stub.Release(release).found is True
+    assert stub.Release(release).found is False
+
+
+def test_dry_run_reserves_nothing(world: World) -> None:
+    stub = world.stub(world.us)
+    admit_serving(stub, request_id="warm")
+    d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(), dry_run=True)).decision
+    assert d.action == SERVE and not d.ticket.id
+
+
+def test_bad_input_gets_clear_statuses(world: World) -> None:
+    stub = world.stub(world.us)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Admit(admission_pb2.AdmitRequest(context=ctx(model="nope")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in (err.value.details() or "")
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Admit(admission_pb2.AdmitRequest(context=ctx(priority=42)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trailers = dict(err.value.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    assert bad.field_violations[0].field == "priority"
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Admit(admission_pb2.AdmitRequest(context=ctx(model="")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Release(admission_pb2.ReleaseRequest(ticket_id="x", outcome=9))  # type: ignore[arg-type]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RenewTicket(admission_pb2.RenewTicketRequest(ticket_id="us-gone-1"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Drain(admission_pb2.DrainRequest(replica="eu-0"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Drain(admission_pb2.DrainRequest(region="eu"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_renew_extends_a_live_ticket(world: World) -> None:
+    stub = world.stub(world.us)
+    d = admit_serving(stub)
+    renewed = stub.RenewTicket(admission_pb2.RenewTicketRequest(ticket_id=d.ticket.id)).ticket
+    assert renewed.id == d.ticket.id
+    assert renewed.lease_expires_at.ToDatetime() >= d.ticket.lease_expires_at.ToDatetime()
+    stub.Release(
+        admission_pb2.ReleaseRequest(ticket_id=d.ticket.id, outcome=admission_pb2.OUTCOME_OK)
+    )
+
+
+def test_drained_replica_gets_no_new_requests_until_resumed(world: World) -> None:
+    stub = world.stub(world.us)
+    admit_serving(stub)
+    drained = stub.Drain(admission_pb2.DrainRequest(replica="us-0"))
+    assert list(drained.replicas) == ["us-0"]
+    tickets = []
+    for i in range(20):
+        d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(session_id=f"s{i}"))).decision
+        assert d.replica != "us-0", d
+        if d.ticket.id:
+            tickets.append(d.ticket.id)
+    for t in tickets:
+        release(stub, t)
+    stub.Drain(admission_pb2.DrainRequest(replica="us-0", resume=True))
+    seen = set()
+    for i in range(40):
+        d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(session_id=f"r{i}"))).decision
+        seen.add(d.replica)
+        if d.ticket.id:
+            stub.Release(
+                admission_pb2.ReleaseRequest(
+                    ticket_id=d.ticket.id, outcome=admission_pb2.OUTCOME_OK
+                )
+            )
+    assert "us-0" in seen
+
+
+def test_watch_region_streams_this_regions_headroom(world: World) -> None:
+    stub = world.stub(world.eu)
+    admit_serving(stub)
+    stream = stub.WatchRegion(admission_pb2.WatchRegionRequest(interval_ms=50))
+    try:
+        summaries = [next(stream).summary for _ in range(3)]
+    finally:
+        stream.cancel()
+    assert [s.region for s in summaries] == ["eu"] * 3
+    assert summaries[0].sequence < summaries[1].sequence < summaries[2].sequence
+    last = summaries[-1]
+    assert last.residency_zone == "eu" and last.registry_revision >= 1
+    heads = {(h.model, h.version): h for h in last.models}
+    assert heads[("llm-small", "v1")].healthy_replicas == 1
+    assert heads[("llm-small", "v1")].free_slots > 0
+
+
+def test_residency_keeps_an_eu_request_out_of_us(world: World) -> None:
+    stub = world.stub(world.us)
+    admit_serving(stub)
+
+    def overflowed() -> common_pb2.Decision | None:
+        d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(residency_zone="eu"))).decision
+        return d if d.action == OVERFLOW else None
+
+    # us is outside zone eu: the only legal target is the eu neighbour, once its summary
+    # arrived over WatchRegion.
+    d = eventually(overflowed)
+    assert d is not None and d.region == "eu" and d.reason == "overflow_fit"
+    assert d.estimate.network_ms == pytest.approx(80.0)
+    hop = stub.Admit(admission_pb2.AdmitRequest(context=ctx(residency_zone="eu", hops=1))).decision
+    assert hop.action == SHED and hop.reason == "residency"
+    assert hop.retry_after_ms > 0
