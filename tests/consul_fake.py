@@ -23,8 +23,24 @@ Served:
   a txn. More than `max_txn_ops` operations (64, Consul's limit before 1.x raised it to
   128) or a body over 512 KiB: 413.
 
-Not served: sessions/locks, ACLs, catalog, agent, datacenters, consistency modes (always
-consistent here), tombstone reaping.
+- The local agent's services and TTL checks (api-docs/agent/service, api-docs/agent/check),
+  as ConsulCatalog uses them: PUT /v1/agent/service/register (JSON keys case-insensitive,
+  as Consul decodes them; Check or Checks, TTL checks only; a check's id defaults to
+  "service:<id>" ("service:<id>:<n>" for several); its Status to critical, or to the
+  status it had when re-registered), PUT /v1/agent/service/deregister/<id> (404 when
+  unknown), PUT /v1/agent/check/{pass,warn,fail}/<id>[?note=] (Output = the note, resets
+  the TTL; 404 when unknown), PUT /v1/agent/check/update/<id> ({Status, Output}),
+  GET /v1/agent/services, GET /v1/agent/checks.
+  A TTL check not updated within its TTL turns critical with Output "TTL expired"; a
+  service whose check stayed critical for DeregisterCriticalServiceAfter is removed.
+  Consul enforces at least one minute for that and reaps every 30 s; the fake takes
+  `min_deregister_after_s` (default 60) and reaps on every agent/catalog/health request.
+- The catalog and health views of those services (one node, "consul-fake", dc1):
+  GET /v1/catalog/service/<name>, GET /v1/health/service/<name>[?passing] (passing: only
+  instances whose checks all pass), GET /v1/health/checks/<name>.
+
+Not served: sessions/locks, ACLs, other nodes and check types, datacenters, consistency
+modes (always consistent here), tombstone reaping, blocking queries outside the KV.
 """
 
 from __future__ import annotations
@@ -126,14 +142,55 @@ class _KV:
             self.delete(key, index)
 
 
+@dataclass
+class _Check:
+    """One TTL check of the agent; `updated` and `critical_since` are monotonic seconds."""
+
+    check_id: str
+    name: str
+    service_id: str
+    ttl: float
+    status: str
+    notes: str
+    output: str
+    deregister_after: float | None
+    updated: float
+    critical_since: float | None
+
+    def set_status(self, status: str, output: str, now: float) -> None:
+        if status == "critical" and self.status != "critical":
+            self.critical_since = now
+        elif status != "critical":
+            self.critical_since = None
+        self.status, self.output, self.updated = status, output, now
+
+
+_STATUSES = ("passing", "warning", "critical")
+
+
+def _lower_keys(value: Any) -> dict[str, Any]:
+    """A JSON object with lower-cased keys (Consul decodes field names case-insensitively)."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return {str(k).lower(): v for k, v in value.items()}
+
+
 class FakeConsul:
     """A fake Consul HTTP API on 127.0.0.1:<free port>, served from a thread.
 
     Use as a context manager or call start()/stop(); `addr` is "127.0.0.1:PORT".
+    `min_deregister_after_s` is the floor on DeregisterCriticalServiceAfter (Consul's: 60).
     """
 
-    def __init__(self, max_txn_ops: int = DEFAULT_TXN_OPS) -> None:
+    NODE = "consul-fake"
+
+    def __init__(
+        self, max_txn_ops: int = DEFAULT_TXN_OPS, min_deregister_after_s: float = 60.0
+    ) -> None:
         self.max_txn_ops = max_txn_ops
+        self.min_deregister_after_s = min_deregister_after_s
+        self._services: dict[str, dict[str, Any]] = {}
+        self._checks: dict[str, _Check] = {}
         self._kv = _KV()
         self._cond = threading.Condition()
         self._closing = False
@@ -257,6 +314,186 @@ class FakeConsul:
                 kv.delete(key, kv.raft_index)
             self._cond.notify_all()
         return 200, True
+
+    # --- agent, catalog and health endpoints --------------------------------------------
+
+    def _expire(self, now: float) -> None:
+        """Run out TTLs and reap services critical for too long. Lock held."""
+        for check in self._checks.values():
+            deadline = check.updated + check.ttl
+            if check.status != "critical" and now > deadline:
+                check.set_status("critical", "TTL expired", deadline)
+        for check in list(self._checks.values()):
+            if check.critical_since is None or check.deregister_after is None:
+                continue
+            after = max(check.deregister_after, self.min_deregister_after_s)
+            if now - check.critical_since >= after:
+                self._remove_service(check.service_id)
+
+    def _remove_service(self, service_id: str) -> bool:
+        if self._services.pop(service_id, None) is None:
+            return False
+        for check_id in [c for c, k in self._checks.items() if k.service_id == service_id]:
+            del self._checks[check_id]
+        return True
+
+    def agent_register(self, body: bytes) -> tuple[int, Any]:
+        try:
+            fields = _lower_keys(json.loads(body or b"null"))
+        except ValueError as exc:
+            return 400, f"Request decode failed: {exc}"
+        name = str(fields.get("name") or "")
+        if not name:
+            return 400, "Missing service name"
+        service_id = str(fields.get("id") or name)
+        definitions = [fields["check"]] if fields.get("check") else []
+        definitions += list(fields.get("checks") or [])
+        with self._cond:
+            return self._register(name, service_id, fields, definitions)
+
+    def _register(
+        self, name: str, service_id: str, fields: dict[str, Any], definitions: list[Any]
+    ) -> tuple[int, Any]:
+        """Add or replace one service and its checks. Lock held."""
+        now = time.monotonic()
+        self._expire(now)
+        checks: list[_Check] = []
+        for i, raw in enumerate(definitions):
+            try:
+                d = _lower_keys(raw)
+                if not d.get("ttl"):
+                    return 400, "this fake Consul supports only TTL checks"
+                default_id = f"service:{service_id}" + (f":{i + 1}" if len(definitions) > 1 else "")
+                check_id = str(d.get("checkid") or d.get("id") or default_id)
+                old = self._checks.get(check_id)
+                status = str(d.get("status") or (old.status if old else "critical"))
+                if status not in _STATUSES:
+                    return 400, f"Status {status!r} is not one of {_STATUSES}"
+                deregister = d.get("deregistercriticalserviceafter")
+                checks.append(
+                    _Check(
+                        check_id=check_id,
+                        name=str(d.get("name") or f"Service '{name}' check"),
+                        service_id=service_id,
+                        ttl=parse_duration(str(d["ttl"])),
+                        status=status,
+                        notes=str(d.get("notes") or ""),
+                        output=old.output if old else "",
+                        deregister_after=parse_duration(str(deregister)) if deregister else None,
+                        updated=now,
+                        critical_since=now if status == "critical" else None,
+                    )
+                )
+            except ValueError as exc:
+                return 400, f"Invalid check: {exc}"
+        self._kv.raft_index += 1
+        old_service = self._services.get(service_id)
+        self._services[service_id] = {
+            "ID": service_id,
+            "Service": name,
+            "Tags": list(fields.get("tags") or []),
+            "Meta": dict(fields.get("meta") or {}),
+            "Address": str(fields.get("address") or ""),
+            "Port": int(fields.get("port") or 0),
+            "CreateIndex": old_service["CreateIndex"] if old_service else self._kv.raft_index,
+            "ModifyIndex": self._kv.raft_index,
+        }
+        for check in checks:
+            self._checks[check.check_id] = check
+        return 200, None
+
+    def agent_deregister(self, service_id: str) -> tuple[int, Any]:
+        with self._cond:
+            self._expire(time.monotonic())
+            if not self._remove_service(service_id):
+                return 404, f'Unknown service ID "{service_id}"'
+        return 200, None
+
+    def agent_check_update(self, check_id: str, status: str, output: str) -> tuple[int, Any]:
+        if status not in _STATUSES:
+            return 400, f"Invalid status {status!r}"
+        with self._cond:
+            now = time.monotonic()
+            self._expire(now)
+            check = self._checks.get(check_id)
+            if check is None:
+                return 404, f'Unknown check ID "{check_id}"'
+            check.set_status(status, output, now)
+        return 200, None
+
+    def _check_json(self, check: _Check) -> dict[str, Any]:
+        service = self._services[check.service_id]
+        return {
+            "Node": self.NODE,
+            "CheckID": check.check_id,
+            "Name": check.name,
+            "Status": check.status,
+            "Notes": check.notes,
+            "Output": check.output,
+            "ServiceID": check.service_id,
+            "ServiceName": service["Service"],
+            "ServiceTags": service["Tags"],
+            "Type": "ttl",
+        }
+
+    def agent_view(self, what: str) -> tuple[int, Any]:
+        """GET /v1/agent/services or /v1/agent/checks."""
+        with self._cond:
+            self._expire(time.monotonic())
+            if what == "services":
+                return 200, {i: dict(s, Datacenter="dc1") for i, s in self._services.items()}
+            return 200, {c: self._check_json(k) for c, k in self._checks.items()}
+
+    def service_view(
+        self, view: str, name: str, params: dict[str, str]
+    ) -> tuple[int, Any, dict[str, str]]:
+        """GET /v1/catalog/service/<name>, /v1/health/service/<name>, /v1/health/checks/<name>."""
+        with self._cond:
+            self._expire(time.monotonic())
+            # Blocking-capable endpoints always send X-Consul-Index (py-consul requires it).
+            headers = {"X-Consul-Index": str(self._kv.raft_index), "X-Consul-KnownLeader": "true"}
+            services = sorted(
+                (s for s in self._services.values() if s["Service"] == name),
+                key=lambda s: str(s["ID"]),
+            )
+            checks = {
+                s["ID"]: [
+                    self._check_json(k) for k in self._checks.values() if k.service_id == s["ID"]
+                ]
+                for s in services
+            }
+            if view == "checks":
+                return 200, [c for s in services for c in checks[s["ID"]]], headers
+            if view == "health":
+                node = {"Node": self.NODE, "Address": "127.0.0.1", "Datacenter": "dc1"}
+                entries = [
+                    {"Node": node, "Service": s, "Checks": checks[s["ID"]]}
+                    for s in services
+                    if "passing" not in params
+                    or all(c["Status"] == "passing" for c in checks[s["ID"]])
+                ]
+                return 200, entries, headers
+            return (
+                200,
+                [
+                    {
+                        "ID": "00000000-0000-0000-0000-000000000001",
+                        "Node": self.NODE,
+                        "Address": "127.0.0.1",
+                        "Datacenter": "dc1",
+                        "ServiceID": s["ID"],
+                        "ServiceName": s["Service"],
+                        "ServiceTags": s["Tags"],
+                        "ServiceAddress": s["Address"],
+                        "ServicePort": s["Port"],
+                        "ServiceMeta": s["Meta"],
+                        "CreateIndex": s["CreateIndex"],
+                        "ModifyIndex": s["ModifyIndex"],
+                    }
+                    for s in services
+                ],
+                headers,
+            )
 
     # --- txn endpoint -----------------------------------------------------------------
 
@@ -383,7 +620,7 @@ class _Handler(BaseHTTPRequestHandler):
             data, kind = body.encode(), "text/plain; charset=utf-8"
         else:
             data, kind = json.dumps(body).encode(), "application/json"
-        if code == 404 and body is None:
+        if body is None:
             data = b""
         self.send_response(code)
         self.send_header("Content-Type", kind)
@@ -409,7 +646,29 @@ class _Handler(BaseHTTPRequestHandler):
             code, headers, body = self.consul.kv_get(key, params)
             self._send(code, body, headers)
 
-        self._dispatch({"/v1/kv/": kv})
+        def agent(what: str) -> Callable[[str, dict[str, str]], None]:
+            def handler(_: str, params: dict[str, str]) -> None:
+                self._send(*self.consul.agent_view(what))
+
+            return handler
+
+        def view(kind: str) -> Callable[[str, dict[str, str]], None]:
+            def handler(name: str, params: dict[str, str]) -> None:
+                code, body, headers = self.consul.service_view(kind, name, params)
+                self._send(code, body, headers)
+
+            return handler
+
+        self._dispatch(
+            {
+                "/v1/kv/": kv,
+                "/v1/agent/services": agent("services"),
+                "/v1/agent/checks": agent("checks"),
+                "/v1/catalog/service/": view("catalog"),
+                "/v1/health/service/": view("health"),
+                "/v1/health/checks/": view("checks"),
+            }
+        )
 
     def do_PUT(self) -> None:
         def kv(key: str, params: dict[str, str]) -> None:
@@ -418,7 +677,38 @@ class _Handler(BaseHTTPRequestHandler):
         def txn(_: str, params: dict[str, str]) -> None:
             self._send(*self.consul.txn(self._body()))
 
-        self._dispatch({"/v1/kv/": kv, "/v1/txn": txn})
+        def register(_: str, params: dict[str, str]) -> None:
+            self._send(*self.consul.agent_register(self._body()))
+
+        def deregister(service_id: str, params: dict[str, str]) -> None:
+            self._send(*self.consul.agent_deregister(service_id))
+
+        def ttl(status: str) -> Callable[[str, dict[str, str]], None]:
+            def handler(check_id: str, params: dict[str, str]) -> None:
+                self._body()
+                self._send(
+                    *self.consul.agent_check_update(check_id, status, params.get("note", ""))
+                )
+
+            return handler
+
+        def update(check_id: str, params: dict[str, str]) -> None:
+            fields = _lower_keys(json.loads(self._body() or b"{}"))
+            status, output = str(fields.get("status") or ""), str(fields.get("output") or "")
+            self._send(*self.consul.agent_check_update(check_id, status, output))
+
+        self._dispatch(
+            {
+                "/v1/kv/": kv,
+                "/v1/txn": txn,
+                "/v1/agent/service/register": register,
+                "/v1/agent/service/deregister/": deregister,
+                "/v1/agent/check/pass/": ttl("passing"),
+                "/v1/agent/check/warn/": ttl("warning"),
+                "/v1/agent/check/fail/": ttl("critical"),
+                "/v1/agent/check/update/": update,
+            }
+        )
 
     def do_DELETE(self) -> None:
         def kv(key: str, params: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -382,6 +383,73 @@ async def test_cache_lets_a_client_start_while_the_registry_is_down(
         async with RegistryClient(dead, kinds=[REGION], config=narrow) as same:
             await same.wait_ready(timeout=1)
             assert same.from_cache and {k for k, _ in same.state} == {REGION}
+
+
+async def test_a_recreated_registry_replaces_cached_state_instead_of_resuming_it(
+    tmp_path: Path,
+) -> None:
+    """A cache of registry A, then registry B (a fresh db) on A's address, ahead of A.
+
+    B's history covers A's revision, so only the registry id tells the client that B's
+    changes do not apply on top of what it holds.
+    """
+    port, cache = free_port(), tmp_path / "cache"
+    config = dataclasses.replace(FAST, cache_path=cache)
+    a = start_registry_on(tmp_path / "a.db", port)
+    try:
+        async with aio_stub(a.address) as stub, RegistryClient(a.address, config=config) as client:
+            await stub.Put(registry_pb2.PutRequest(entity=region("only-in-a")))
+            await stub.Put(registry_pb2.PutRequest(entity=model("a-model")))
+            held = await assert_converged(client, stub)
+    finally:
+        a.stop()
+    assert (c := _read_cache(cache)) is not None and c.snapshot == held
+
+    b = start_registry_on(tmp_path / "b.db", port)
+    try:
+        async with aio_stub(b.address) as stub:
+            for i in range(held.revision + 2):
+                await stub.Put(registry_pb2.PutRequest(entity=region(f"b-{i}", zone="eu")))
+            async with RegistryClient(b.address, config=config) as client:
+                assert client.from_cache and client.registry_id == held.registry_id
+                expected = await assert_converged(client, stub)
+                assert expected.registry_id != held.registry_id
+                assert client.registry_id == expected.registry_id
+                assert (REGION, "only-in-a") not in client.state
+                assert client.stats.registry_changes == 1 and client.stats.protocol_errors == 0
+                # The next resume is checked against B and works from its history.
+                snapshots = client.stats.snapshots
+                client._drop_stream()
+                rev = (await stub.Put(registry_pb2.PutRequest(entity=model("b-m")))).revision
+                await client.wait_for_revision(rev, timeout=10)
+                await assert_converged(client, stub)
+                assert client.stats.snapshots == snapshots
+        assert (
+            c := _read_cache(cache)
+        ) is not None and c.snapshot.registry_id == client.registry_id
+    finally:
+        b.stop()
+
+
+async def test_changes_from_another_registry_are_never_applied() -> None:
+    def stamped(event: registry_pb2.WatchEvent, registry_id: str) -> registry_pb2.WatchEvent:
+        event.registry_id = registry_id
+        return event
+
+    servicer = scripted_registry(
+        [
+            [stamped(snap(5, "a"), "reg-a"), stamped(put_region(6, "foreign"), "reg-b")],
+            [stamped(put_region(6, "b"), "reg-a")],
+        ]
+    )
+    async with scripted(servicer) as target, RegistryClient(target, config=FAST) as client:
+        await client.wait_for_revision(6, timeout=10)
+        assert [e.region.id for e in client.entities(REGION)] == ["a", "b"]
+        assert client.stats.protocol_errors == 1
+        assert [(r.from_revision, r.registry_id) for r in servicer.requests] == [
+            (0, ""),
+            (5, "reg-a"),
+        ]
 
 
 async def assert_converged_kinds(client: RegistryClient, stub: Stub) -> None:

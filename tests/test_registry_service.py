@@ -289,6 +289,48 @@ def test_watch_resume_after_dropped_stream_has_no_gap_or_duplicate(
     assert [e.revision for e in seen] == missed == list(range(last + 1, last + 5))
 
 
+def test_every_snapshot_and_event_carries_the_registry_id(
+    stub: registry_pb2_grpc.RegistryServiceStub,
+) -> None:
+    registry_id = stub.GetSnapshot(registry_pb2.GetSnapshotRequest()).snapshot.registry_id
+    assert len(registry_id) == 32
+    call = stub.Watch(registry_pb2.WatchRequest(progress_interval_ms=50), timeout=15)
+    first = next(call).event
+    assert first.registry_id == first.snapshot.registry_id == registry_id
+    stub.Put(registry_pb2.PutRequest(entity=region("id-a")))
+    change = _next_change(call)
+    progress = next(r.event for r in call if r.event.WhichOneof("event") is None)
+    call.cancel()
+    assert change.registry_id == progress.registry_id == registry_id
+
+
+def test_resume_with_another_registrys_id_starts_with_a_snapshot(
+    stub: registry_pb2_grpc.RegistryServiceStub,
+) -> None:
+    snapshot = stub.GetSnapshot(registry_pb2.GetSnapshotRequest()).snapshot
+    last = stub.Put(registry_pb2.PutRequest(entity=region("foreign-0"))).revision
+    stub.Put(registry_pb2.PutRequest(entity=region("foreign-1")))
+
+    def first_event(registry_id: str) -> registry_pb2.WatchEvent:
+        request = registry_pb2.WatchRequest(
+            from_revision=last - 1, registry_id=registry_id, progress_interval_ms=100
+        )
+        call = stub.Watch(request, timeout=15)
+        event = next(call).event
+        call.cancel()
+        return event
+
+    # The registry's own id (and no id, as older clients send) resume from the history...
+    for own in (snapshot.registry_id, ""):
+        resumed = first_event(own)
+        assert resumed.WhichOneof("event") == "changes" and resumed.revision == last
+    # ...a revision of another registry says nothing about this one: full state instead.
+    reset = first_event("0" * 32)
+    assert reset.WhichOneof("event") == "snapshot"
+    assert reset.revision == last + 1 and reset.snapshot.registry_id == snapshot.registry_id
+    assert {"foreign-0", "foreign-1"} <= {r.id for r in reset.snapshot.regions}
+
+
 # --- leases -----------------------------------------------------------------------------
 
 

@@ -115,12 +115,17 @@ StoreFactory = Callable[..., Store]
 
 
 @pytest.fixture(params=STORES)
-def open_store(
-    request: pytest.FixtureRequest, tmp_path: Path, consul_fake: FakeConsul
-) -> Iterator[StoreFactory]:
+def store_name(request: pytest.FixtureRequest) -> str:
+    """The kind of store under test (one of STORES)."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def open_store(store_name: str, tmp_path: Path, consul_fake: FakeConsul) -> Iterator[StoreFactory]:
     """Opens stores of one kind on one backing location; closes them all at the end."""
     opened: list[Store] = []
-    with _backing(request.param, tmp_path, consul_fake) as backing:
+    with _backing(store_name, tmp_path, consul_fake) as backing:
 
         def factory(**kwargs: int) -> Store:
             store = _open(backing, **kwargs)
@@ -420,6 +425,30 @@ def test_reopening_gives_the_same_state(open_store: StoreFactory) -> None:
     events = reopened.changes_since(0)
     assert events is not None and [e.revision for e in events] == [1, 2]
     assert reopened.apply([put(region("eu", "eu"))])[0] == 3
+
+
+def test_registry_id_is_fixed_at_creation_and_unique_per_store(
+    open_store: StoreFactory, store_name: str, tmp_path: Path, consul_fake: FakeConsul
+) -> None:
+    store = open_store()
+    registry_id = store.registry_id()
+    assert len(registry_id) == 32 and int(registry_id, 16) >= 0
+    base(store)
+    store.close()
+    reopened = open_store()
+    assert reopened.registry_id() == registry_id
+    assert open_store().registry_id() == registry_id  # a second handle agrees
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    with _backing(store_name, other_dir, consul_fake) as other:
+        fresh = _open(other)
+        try:
+            assert fresh.registry_id() != registry_id
+            # Same revisions, different registries: only the id tells them apart.
+            base(fresh)
+            assert fresh.revision() == reopened.revision()
+        finally:
+            fresh.close()
 
 
 def test_two_handles_on_one_store_see_each_others_writes(open_store: StoreFactory) -> None:

@@ -15,6 +15,12 @@ the status details carry google.rpc.ErrorInfo{reason: "REVISION_MISMATCH",
 domain: "spillgate", metadata: {"current_revision": "<n>"}} and the message names the
 current revision, so the caller can re-read and retry.
 
+Identity: every store has a registry_id, a random string fixed when the store is created
+and kept across restarts. Revisions only mean something within one registry_id: a store
+recreated empty, or another registry, counts revisions from scratch. Snapshots and watch
+events carry it, and a watcher that resumes sends the one it last saw, so it never applies
+another registry's changes on top of what it holds.
+
 Entity keys (EntityKey.id), built from ids that match `[a-z0-9][a-z0-9._-]*`:
   region: "<region>"            model: "<model>"          alias: "<name>"
   version: "<model>@<version>"  replica: "<replica>"
@@ -648,8 +654,13 @@ class Snapshot(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     PLACEMENTS_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    REGISTRY_ID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Revision the state is at."""
+    registry_id: _builtins.str
+    """Identity of the registry the state belongs to (see this file's header); empty when
+    unknown (from a registry that predates it).
+    """
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Region]:
         """All regions, sorted by id."""
@@ -684,10 +695,11 @@ class Snapshot(_message.Message):
         aliases: _abc.Iterable[Global___Alias] | None = ...,
         placements: _abc.Iterable[Global___Placement] | None = ...,
         replicas: _abc.Iterable[Global___Replica] | None = ...,
+        registry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "models", b"models", "placements", b"placements", "regions", b"regions", "replicas", b"replicas", "revision", b"revision", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "models", b"models", "placements", b"placements", "regions", b"regions", "registry_id", b"registry_id", "replicas", b"replicas", "revision", b"revision", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -760,8 +772,13 @@ class WatchEvent(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
+    REGISTRY_ID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Revision the subscriber's state is at after applying this event."""
+    registry_id: _builtins.str
+    """Identity of the registry that sent the event (see this file's header); set on every
+    event, progress included. Empty only from a registry that predates it.
+    """
     @_builtins.property
     def snapshot(self) -> Global___Snapshot:
         """Full state: replace everything held so far."""
@@ -776,10 +793,11 @@ class WatchEvent(_message.Message):
         revision: _builtins.int = ...,
         snapshot: Global___Snapshot | None = ...,
         changes: Global___ChangeSet | None = ...,
+        registry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "event", b"event", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "event", b"event", "revision", b"revision", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "event", b"event", "registry_id", b"registry_id", "revision", b"revision", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "changes"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -1163,10 +1181,16 @@ class WatchRequest(_message.Message):
     FROM_REVISION_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
     PROGRESS_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    REGISTRY_ID_FIELD_NUMBER: _builtins.int
     from_revision: _builtins.int
     """Last revision the subscriber holds; 0 = none (start with a snapshot)."""
     progress_interval_ms: _builtins.int
     """Send a progress event after this much idle time, in milliseconds; 0 = server default."""
+    registry_id: _builtins.str
+    """registry_id of the state the subscriber holds at from_revision; empty = not checked.
+    When set and different from the registry's own, from_revision is ignored and the stream
+    starts with a full snapshot (the held revision belongs to another registry).
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EntityKind.ValueType]:
         """Only report changes to these kinds; empty = all (snapshots are always complete)."""
@@ -1177,10 +1201,11 @@ class WatchRequest(_message.Message):
         from_revision: _builtins.int = ...,
         kinds: _abc.Iterable[Global___EntityKind.ValueType] | None = ...,
         progress_interval_ms: _builtins.int = ...,
+        registry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "kinds", b"kinds", "progress_interval_ms", b"progress_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "kinds", b"kinds", "progress_interval_ms", b"progress_interval_ms", "registry_id", b"registry_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,8 +138,9 @@ class RegistryServiceServicer:
 
     def Watch(self, request, context):
         """Streams changes after from_revision. Starts with a full snapshot when from_revision is
-        0 or no longer retained (the subscriber must reset its state), then one event per
-        committed revision, in order, plus progress events while idle.
+        0 or no longer retained, or when registry_id names another registry (the subscriber
+        must reset its state), then one event per committed revision, in order, plus progress
+        events while idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,6 +15,12 @@ the status details carry google.rpc.ErrorInfo{reason: "REVISION_MISMATCH",
 domain: "spillgate", metadata: {"current_revision": "<n>"}} and the message names the
 current revision, so the caller can re-read and retry.
 
+Identity: every store has a registry_id, a random string fixed when the store is created
+and kept across restarts. Revisions only mean something within one registry_id: a store
+recreated empty, or another registry, counts revisions from scratch. Snapshots and watch
+events carry it, and a watcher that resumes sends the one it last saw, so it never applies
+another registry's changes on top of what it holds.
+
 Entity keys (EntityKey.id), built from ids that match `[a-z0-9][a-z0-9._-]*`:
   region: "<region>"            model: "<model>"          alias: "<name>"
   version: "<model>@<version>"  replica: "<replica>"
@@ -76,8 +82,9 @@ class RegistryServiceStub:
     """Full state at a revision. OUT_OF_RANGE when that revision is no longer retained."""
     Watch: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.WatchResponse]
     """Streams changes after from_revision. Starts with a full snapshot when from_revision is
-    0 or no longer retained (the subscriber must reset its state), then one event per
-    committed revision, in order, plus progress events while idle.
+    0 or no longer retained, or when registry_id names another registry (the subscriber
+    must reset its state), then one event per committed revision, in order, plus progress
+    events while idle.
     """
     RegisterReplica: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RegisterReplicaRequest, _registry_pb2.RegisterReplicaResponse]
     """Adds or replaces a replica and starts its lease (no CAS: replicas own their entry)."""
@@ -116,8 +123,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Full state at a revision. OUT_OF_RANGE when that revision is no longer retained."""
     Watch: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams changes after from_revision. Starts with a full snapshot when from_revision is
-    0 or no longer retained (the subscriber must reset its state), then one event per
-    committed revision, in order, plus progress events while idle.
+    0 or no longer retained, or when registry_id names another registry (the subscriber
+    must reset its state), then one event per committed revision, in order, plus progress
+    events while idle.
     """
     RegisterReplica: _aio.UnaryUnaryMultiCallable[_registry_pb2.RegisterReplicaRequest, _registry_pb2.RegisterReplicaResponse]  # type: ignore[assignment]
     """Adds or replaces a replica and starts its lease (no CAS: replicas own their entry)."""
@@ -195,8 +203,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchResponse], _abc.AsyncIterator[_registry_pb2.WatchResponse]]:
         """Streams changes after from_revision. Starts with a full snapshot when from_revision is
-        0 or no longer retained (the subscriber must reset its state), then one event per
-        committed revision, in order, plus progress events while idle.
+        0 or no longer retained, or when registry_id names another registry (the subscriber
+        must reset its state), then one event per committed revision, in order, plus progress
+        events while idle.
         """
 
     @_abc_1.abstractmethod

@@ -1,6 +1,8 @@
 """`spillgate registry serve`: run the registry gRPC service on a store until signalled.
 
-The store is a SQLite file (`--db`, the default) or Consul's KV (`--store consul`).
+The store is a SQLite file (`--db`, the default) or Consul's KV (`--store consul`). With
+the Consul store, leased replicas are also mirrored into Consul's catalog as services with a
+TTL check (`consul_catalog.ConsulCatalog`; `--no-consul-catalog` turns that off).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -19,7 +22,13 @@ from grpc_reflection.v1alpha import reflection
 
 from spillgate._proto import registry_pb2, registry_pb2_grpc
 from spillgate.registry.client import CHANNEL_OPTIONS
+from spillgate.registry.consul_catalog import (
+    DEFAULT_DEREGISTER_AFTER,
+    DEFAULT_SERVICE,
+    ConsulCatalog,
+)
 from spillgate.registry.consul_store import DEFAULT_PREFIX, ConsulStore
+from spillgate.registry.directory import ReplicaDirectory
 from spillgate.registry.service import RegistryServicer, ServiceConfig
 from spillgate.registry.sqlite_store import SQLiteStore
 from spillgate.registry.store import Store, StoreError
@@ -35,16 +44,18 @@ async def run(
     port: int = 0,
     stop_event: asyncio.Event | None = None,
     config: ServiceConfig | None = None,
+    directory: ReplicaDirectory | None = None,
 ) -> None:
     """Serve the registry until `stop_event` is set or SIGINT/SIGTERM arrives.
 
-    `db_path` is a SQLite file or an opened Store (which `run` closes at the end).
+    `db_path` is a SQLite file or an opened Store (which `run` closes at the end), and
+    `directory` where leased replicas are announced too (also closed at the end).
     Prints one ready line, `spillgate registry ready grpc=HOST:PORT revision=N`, once the
     port is bound (port 0 picks a free one).
     """
     stop = stop_event or asyncio.Event()
     store = db_path if isinstance(db_path, Store) else SQLiteStore(db_path)
-    servicer = RegistryServicer(store, config)
+    servicer = RegistryServicer(store, config, directory=directory)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -73,6 +84,8 @@ async def run(
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=1.0)
         await servicer.close()
+        if directory is not None:
+            directory.close()
         store.close()
 
 
@@ -80,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options (`--help`) and serve; returns 0.
 
     `--db PATH` (store sqlite, the default) or `--store consul [--consul-addr HOST:PORT]
-    [--consul-prefix P]`, then `[--host H] [--port N] [--lease-check-ms N]`.
+    [--consul-prefix P] [--no-consul-catalog | --consul-catalog-addr HOST:PORT
+    --consul-service NAME --consul-deregister-after-ms N]`, then `[--host H] [--port N]
+    [--lease-check-ms N]`.
     """
     parser = argparse.ArgumentParser(prog="spillgate registry serve")
     parser.add_argument("--store", choices=("sqlite", "consul"), default="sqlite")
@@ -90,6 +105,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Consul agent HOST:PORT or URL (default: $CONSUL_HTTP_ADDR, else 127.0.0.1:8500)",
     )
     parser.add_argument("--consul-prefix", default=DEFAULT_PREFIX, help="KV prefix of the registry")
+    parser.add_argument(
+        "--consul-catalog",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --store consul, register leased replicas as Consul services (TTL checks)",
+    )
+    parser.add_argument(
+        "--consul-catalog-addr",
+        help="agent that replicas are registered with (default: the --consul-addr agent)",
+    )
+    parser.add_argument(
+        "--consul-service", default=DEFAULT_SERVICE, help="Consul service name of replicas"
+    )
+    parser.add_argument(
+        "--consul-deregister-after-ms",
+        type=int,
+        default=int(DEFAULT_DEREGISTER_AFTER / timedelta(milliseconds=1)),
+        help="DeregisterCriticalServiceAfter of replica checks (Consul enforces >= 1 minute)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7070, help="gRPC port; 0 = any free port")
     parser.add_argument(
@@ -104,12 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--db is required with --store sqlite")
     config = ServiceConfig(lease_check_ms=args.lease_check_ms)
     store: str | Store = args.db
+    directory: ReplicaDirectory | None = None
     if args.store == "consul":
         try:
             store = ConsulStore(args.consul_addr, prefix=args.consul_prefix)
         except StoreError as exc:
             parser.exit(1, f"spillgate registry: {exc}\n")
-    asyncio.run(run(store, args.host, args.port, config=config))
+        if args.consul_catalog:
+            directory = ConsulCatalog(
+                args.consul_catalog_addr or args.consul_addr,
+                service=args.consul_service,
+                deregister_after=timedelta(milliseconds=args.consul_deregister_after_ms),
+            )
+    asyncio.run(run(store, args.host, args.port, config=config, directory=directory))
     return 0
 
 

@@ -12,6 +12,12 @@ Every event is checked against the ordering registry.proto guarantees (one chang
 per revision, contiguous, after a snapshot); an event that breaks it is never applied: the
 client drops the stream and resumes from the revision it holds.
 
+Revisions are only comparable within one registry (registry.proto, "Identity"): the client
+keeps the registry_id of the state it holds (in the cache too) and resumes with it, so a
+registry that was recreated, or another one at the same address, answers with a fresh
+snapshot instead of changes the held state never saw. A changes or progress event from
+another registry is a protocol error and is never applied.
+
 With `ClientConfig.cache_path` the state is also persisted (atomically) so a process that
 restarts while the registry is down starts from the last known state.
 
@@ -119,6 +125,8 @@ class ClientStats:
     protocol_errors: int = 0
     cache_loads: int = 0
     cache_writes: int = 0
+    # Snapshots that replaced state held from another registry (another registry_id).
+    registry_changes: int = 0
 
 
 class ProtocolError(Exception):
@@ -170,6 +178,9 @@ class RegistryClient:
         # view at one revision for free and may keep it as long as they like.
         self._state: Mapping[Key, registry_pb2.Entity] = types.MappingProxyType({})
         self._revision = 0
+        # registry_id of the held state; "" = unknown (none held, or from an older registry
+        # or cache that had none: such state resumes unchecked once).
+        self._registry_id = ""
         self._has_state = False
         self._from_cache = False
         self._heard_at: float | None = None
@@ -179,7 +190,8 @@ class RegistryClient:
         # Replaced (after being set) on every update: waiters wake, then re-check.
         self._updated = asyncio.Event()
         self._dirty = asyncio.Event()
-        self._persisted_revision: int | None = None
+        # (revision, registry_id) last written to the cache.
+        self._persisted: tuple[int, str] | None = None
         self._pending_write: asyncio.Future[None] | None = None
         self._call: _WatchCall | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -266,6 +278,11 @@ class RegistryClient:
         return self._state
 
     @property
+    def registry_id(self) -> str:
+        """Identity of the registry the held state came from; "" when unknown."""
+        return self._registry_id
+
+    @property
     def ready(self) -> bool:
         """Whether any state is held (from the registry or the cache)."""
         return self._has_state
@@ -298,7 +315,9 @@ class RegistryClient:
 
     def snapshot(self) -> registry_pb2.Snapshot:
         """The held state as a Snapshot at `revision` (each kind sorted by key)."""
-        return snapshot_from_state(self._state, self._revision)
+        snapshot = snapshot_from_state(self._state, self._revision)
+        snapshot.registry_id = self._registry_id
+        return snapshot
 
     def entities(self, kind: EntityKind) -> list[registry_pb2.Entity]:
         """The held entities of `kind`, sorted by key ([] when the kind is not held)."""
@@ -383,9 +402,12 @@ class RegistryClient:
             except Exception:
                 log.exception("registry client listener failed")
 
-    def _publish(self, state: dict[Key, registry_pb2.Entity], revision: int) -> None:
+    def _publish(
+        self, state: dict[Key, registry_pb2.Entity], revision: int, registry_id: str
+    ) -> None:
         self._state = types.MappingProxyType(state)
         self._revision = revision
+        self._registry_id = registry_id
         self._has_state = True
         self._notify(state_changed=True)
 
@@ -405,7 +427,7 @@ class RegistryClient:
         age = max(0.0, self._wall_clock() - cached.heard_at)
         self._heard_at = self._clock() - age
         self._from_cache = True
-        self._persisted_revision = cached.snapshot.revision
+        self._persisted = (cached.snapshot.revision, cached.snapshot.registry_id)
         self._stats.cache_loads += 1
         log.info(
             "registry state loaded from cache %s at revision %d (%.1fs old)",
@@ -413,12 +435,17 @@ class RegistryClient:
             cached.snapshot.revision,
             age,
         )
-        self._publish(self._held(state_from_snapshot(cached.snapshot)), cached.snapshot.revision)
+        self._publish(
+            self._held(state_from_snapshot(cached.snapshot)),
+            cached.snapshot.revision,
+            cached.snapshot.registry_id,
+        )
 
     def _on_event(self, event: registry_pb2.WatchEvent) -> None:
         """Apply one event, or raise ProtocolError leaving the state untouched."""
         which = event.WhichOneof("event")
         revision = event.revision
+        registry_id = event.registry_id or event.snapshot.registry_id
         if which == "snapshot":
             if event.snapshot.revision != revision:
                 raise ProtocolError(
@@ -429,7 +456,15 @@ class RegistryClient:
                 state = state_from_snapshot(event.snapshot)
             except StoreError as exc:
                 raise ProtocolError(f"malformed snapshot: {exc}") from None
-            if self._has_state and revision < self._revision:
+            if self._has_state and self._registry_id not in ("", registry_id):
+                log.warning(
+                    "registry %s is another registry (id %s, was %s): state replaced",
+                    self._target,
+                    registry_id or "unknown",
+                    self._registry_id,
+                )
+                self._stats.registry_changes += 1
+            elif self._has_state and revision < self._revision:
                 # Legal (the registry was restored from an older copy), but worth a trace.
                 log.warning(
                     "registry %s went back from revision %d to %d",
@@ -439,10 +474,19 @@ class RegistryClient:
                 )
             self._stats.snapshots += 1
             self._confirmed()
-            self._publish(self._held(state), revision)
-        elif which == "changes":
-            if not self._has_state:
-                raise ProtocolError(f"changes for revision {revision} before any snapshot")
+            self._publish(self._held(state), revision, registry_id)
+            return
+        if not self._has_state:
+            raise ProtocolError(f"{which or 'progress'} at revision {revision} before any snapshot")
+        if registry_id and self._registry_id and registry_id != self._registry_id:
+            raise ProtocolError(
+                f"{which or 'progress'} from registry {registry_id} while holding state of "
+                f"registry {self._registry_id}"
+            )
+        # Held state of unknown origin (an older cache) adopts the id of the registry that
+        # resumed it: from here on it is checked.
+        registry_id = self._registry_id or registry_id
+        if which == "changes":
             if revision != self._revision + 1:
                 raise ProtocolError(
                     f"changes for revision {revision} while at revision {self._revision} "
@@ -465,11 +509,9 @@ class RegistryClient:
             apply_changes(state, changes)
             self._stats.change_events += 1
             self._confirmed()
-            self._publish(state, revision)
+            self._publish(state, revision, registry_id)
         else:
             # Progress: nothing (of our kinds) changed up to `revision`.
-            if not self._has_state:
-                raise ProtocolError(f"progress at revision {revision} before any snapshot")
             if revision < self._revision or (revision > self._revision and not self._kinds):
                 # Unfiltered, every revision carries changes, so progress past the held
                 # revision means changes were skipped.
@@ -478,6 +520,7 @@ class RegistryClient:
                 )
             self._stats.progress_events += 1
             self._confirmed()
+            self._registry_id = registry_id
             if revision > self._revision:
                 # Filtered watch: the revisions in between changed other kinds only.
                 self._revision = revision
@@ -542,6 +585,8 @@ class RegistryClient:
             from_revision=self._revision if self._has_state else 0,
             kinds=sorted(self._kinds),
             progress_interval_ms=c.progress_interval_ms,
+            # The registry answers a revision of another registry with a fresh snapshot.
+            registry_id=self._registry_id if self._has_state else "",
         )
         # A channel per stream: a fresh connection attempt follows our backoff, not the
         # channel's own reconnect backoff (which grows to minutes).
@@ -570,7 +615,7 @@ class RegistryClient:
     # -- cache ------------------------------------------------------------------------------
 
     def _needs_persist(self) -> bool:
-        return self._has_state and self._persisted_revision != self._revision
+        return self._has_state and self._persisted != (self._revision, self._registry_id)
 
     async def _persist_forever(self) -> None:
         interval = self._config.cache_interval_ms / 1000
@@ -584,8 +629,9 @@ class RegistryClient:
     async def _persist(self) -> None:
         path = self._config.cache_path
         assert path is not None
-        revision = self._revision
+        revision, registry_id = self._revision, self._registry_id
         heard_at = self._wall_clock() - self.staleness_s() if self._heard_at is not None else 0.0
+        # The registry id travels in the snapshot (a cache without one resumes unchecked).
         header = {"revision": revision, "kinds": sorted(self._kinds), "heard_at": heard_at}
         data = (
             _CACHE_MAGIC + json.dumps(header).encode() + b"\n" + self.snapshot().SerializeToString()
@@ -601,7 +647,7 @@ class RegistryClient:
         finally:
             if self._pending_write.done():
                 self._pending_write = None
-        self._persisted_revision = revision
+        self._persisted = (revision, registry_id)
         self._stats.cache_writes += 1
 
 

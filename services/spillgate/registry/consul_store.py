@@ -2,14 +2,18 @@
 
 Key layout, under a prefix (default "spillgate/registry/"):
 
+    identity                        JSON {"registry_id": "<32 hex digits>"}
     state/meta                      JSON {"revision": N, "materialized": M}, M is N or N-1
     state/entities/<kind>/<id>      one serialized registry_pb2.Entity per entity
     changes/<revision:020d>         serialized registry_pb2.WatchEvent of that revision
 
 The change log is the truth; entity keys are its materialized view. Every key under the
-prefix is only ever written by a /v1/txn that also does a `cas` on `state/meta` (its
-ModifyIndex), so one `cas` serializes all writers and nothing can be written by a writer
-that has not seen the latest commit.
+prefix except `identity` is only ever written by a /v1/txn that also does a `cas` on
+`state/meta` (its ModifyIndex), so one `cas` serializes all writers and nothing can be
+written by a writer that has not seen the latest commit. `identity` (Store.registry_id) is
+written once, by the first handle opened on the prefix, with cas=0 (create only; when two
+race, the first wins and both read it back) and never changed: it lives outside state/ so
+that writers and readers of the state never touch it.
 
 An apply of revision N is:
 1. One txn (the commit point): cas state/meta to {N, N} or {N, N-1}, set changes/N,
@@ -63,6 +67,7 @@ from spillgate.registry.store import (
     apply_changes,
     entity_key,
     kind_name,
+    new_registry_id,
     snapshot_from_state,
 )
 from spillgate.registry.validate import plan_apply
@@ -102,7 +107,7 @@ class _Conflict(Exception):
     """A txn was rolled back (409): a cas or check lost against another writer."""
 
 
-def _parse_addr(addr: str) -> tuple[str, int, str]:
+def parse_addr(addr: str) -> tuple[str, int, str]:
     """(host, port, scheme) of "host:port" or "scheme://host:port"."""
     parsed = urllib.parse.urlparse(addr if "//" in addr else "//" + addr)
     if not parsed.hostname:
@@ -142,7 +147,7 @@ class ConsulStore(Store):
         if not prefix or prefix.startswith("/") or not prefix.endswith("/"):
             raise ValueError(f"prefix {prefix!r} must not start with '/' and must end with '/'")
         self._addr = addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR
-        host, port, scheme = _parse_addr(self._addr)
+        host, port, scheme = parse_addr(self._addr)
         self._client_args: dict[str, Any] = {
             "host": host,
             "port": port,
@@ -160,6 +165,7 @@ class ConsulStore(Store):
         self._meta = _EMPTY
         self._loaded = False
         try:
+            self._registry_id = self._ensure_identity()
             with self._lock:
                 self._refresh()
         except BaseException:
@@ -225,6 +231,17 @@ class ConsulStore(Store):
                 events.append(event)
         return events
 
+    def _ensure_identity(self) -> str:
+        """The prefix's registry id, created (cas=0, create only) when it has none yet."""
+        key = self._prefix + "identity"
+        value = json.dumps({"registry_id": new_registry_id()}).encode()
+        self._call("create identity", lambda: self._consul.kv.put(key, value, cas=0))
+        _, entry = self._call("read identity", lambda: self._consul.kv.get(key))
+        try:
+            return str(json.loads(entry["Value"])["registry_id"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(f"{key} holds no spillgate identity record: {exc}") from exc
+
     # --- cache ----------------------------------------------------------------------------
 
     def _refresh(self) -> None:
@@ -271,6 +288,10 @@ class ConsulStore(Store):
         raise StoreUnavailable(f"consul at {self._addr}: the state kept changing while read")
 
     # --- reads ----------------------------------------------------------------------------
+
+    def registry_id(self) -> str:
+        """The prefix's id, read (or created) when this handle opened (see Store.registry_id)."""
+        return self._registry_id
 
     def revision(self) -> int:
         """The current revision."""

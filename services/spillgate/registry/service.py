@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
+from spillgate.registry.directory import ReplicaDirectory
 from spillgate.registry.errors import ServiceError, to_rpc_error
 from spillgate.registry.leases import Leases
 from spillgate.registry.store import (
@@ -126,19 +127,27 @@ def _filtered(event: registry_pb2.WatchEvent, kinds: set[EntityKind]) -> registr
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    """RegistryService over `store`. Call `start()` inside the event loop, `close()` after."""
+    """RegistryService over `store`. Call `start()` inside the event loop, `close()` after.
+
+    With a `directory`, leased replicas are also announced there (registered, renewed,
+    removed) once the store committed; the directory never affects an RPC's outcome. The
+    caller owns the directory (the service does not close it).
+    """
 
     def __init__(
         self,
         store: Store,
         config: ServiceConfig | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        directory: ReplicaDirectory | None = None,
     ) -> None:
         self._store = store
+        self._directory = directory
         self._config = config or ServiceConfig()
         self._clock = clock
         self._leases = Leases(clock)
         self._lease_lock = asyncio.Lock()
+        self._registry_id = store.registry_id()
         self._notifier = RevisionNotifier(store.revision())
         self._recent: dict[int, registry_pb2.WatchEvent] = {}
         self._expiry: asyncio.Task[None] | None = None
@@ -168,10 +177,32 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         await context.abort(error.code, error.message, error.trailing_metadata())
         raise AssertionError("unreachable: abort raises")
 
+    def _announce(self, tell: Callable[[ReplicaDirectory], None]) -> None:
+        """Tell the directory (if any); its failures are logged, never passed on."""
+        if self._directory is None:
+            return
+        try:
+            tell(self._directory)
+        except Exception:
+            log.exception("replica directory failed")
+
     async def _apply(
         self, mutations: list[registry_pb2.Mutation], expected_revision: int | None
     ) -> tuple[int, list[registry_pb2.Change]]:
         revision, changes = await asyncio.to_thread(self._store.apply, mutations, expected_revision)
+        # Every way a replica leaves (lease run out twice, Delete, Apply) comes through here.
+        gone = [
+            c.entity.replica.id
+            for c in changes
+            if c.kind == registry_pb2.CHANGE_KIND_DELETE and entity_kind(c.entity) == REPLICA
+        ]
+        if gone:
+
+            def tell(directory: ReplicaDirectory) -> None:
+                for replica in gone:
+                    directory.removed(replica)
+
+            self._announce(tell)
         if changes:
             event = registry_pb2.WatchEvent(revision=revision)
             event.changes.changes.extend(changes)
@@ -179,6 +210,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             self._recent.pop(revision - self._config.recent_events, None)
             await self._notifier.publish(revision)
         return revision, changes
+
+    async def _snapshot(self) -> registry_pb2.Snapshot:
+        """The store's latest snapshot, stamped with the registry id."""
+        snapshot = await asyncio.to_thread(self._store.snapshot)
+        snapshot.registry_id = self._registry_id
+        return snapshot
 
     async def _changes_since(self, revision: int) -> list[registry_pb2.WatchEvent] | None:
         """Events after `revision`: from memory when every one is there, else the store."""
@@ -232,7 +269,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         """The latest snapshot; older revisions are not kept (OUT_OF_RANGE)."""
 
         async def work() -> registry_pb2.GetSnapshotResponse:
-            snapshot = await asyncio.to_thread(self._store.snapshot)
+            snapshot = await self._snapshot()
             if request.revision not in (0, snapshot.revision):
                 raise ServiceError(
                     grpc.StatusCode.OUT_OF_RANGE,
@@ -342,7 +379,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         """Snapshot (unless resumable from history), then every revision in order."""
         try:
             async for event in self._watch(request):
-                yield registry_pb2.WatchResponse(event=event)
+                # The constructor copies the event (which may be shared with other watchers).
+                response = registry_pb2.WatchResponse(event=event)
+                response.event.registry_id = self._registry_id
+                yield response
         except Exception as exc:
             error = to_rpc_error(exc)
             await context.abort(error.code, error.message, error.trailing_metadata())
@@ -356,11 +396,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         kinds = set(request.kinds)
         idle = (request.progress_interval_ms or self._config.default_progress_ms) / 1000
         last = request.from_revision
-        events = None if last == 0 else await self._changes_since(last)
+        # A revision of another registry says nothing about this one's history.
+        foreign = request.registry_id not in ("", self._registry_id)
+        events = None if last == 0 or foreign else await self._changes_since(last)
         while True:
             if events is None:
-                # Not resumable (first watch, or fell out of the retained history).
-                snapshot = await asyncio.to_thread(self._store.snapshot)
+                # Not resumable (first watch, another registry's revision, or fell out of
+                # the retained history).
+                snapshot = await self._snapshot()
                 yield registry_pb2.WatchEvent(revision=snapshot.revision, snapshot=snapshot)
                 last, events = snapshot.revision, []
             for event in events:
@@ -397,6 +440,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 entity.replica.lease_expires_at.FromDatetime(self._clock() + length)
                 revision, _ = await self._apply([registry_pb2.Mutation(put=entity)], None)
                 self._leases.grant(entity.replica.id, length)
+                self._announce(lambda d: d.registered(entity.replica, length))
             return registry_pb2.RegisterReplicaResponse(
                 replica=entity.replica,
                 revision=revision,
@@ -442,6 +486,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if updated != entity:
                 updated.replica.lease_expires_at.FromDatetime(expires_at)
                 revision, _ = await self._apply([registry_pb2.Mutation(put=updated)], None)
+            self._announce(lambda d: d.renewed(updated.replica, length))
         response = registry_pb2.HeartbeatResponse(revision=revision)
         response.lease_expires_at.FromDatetime(expires_at)
         return response

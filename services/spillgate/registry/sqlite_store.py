@@ -24,6 +24,7 @@ from spillgate.registry.store import (
     RevisionMismatch,
     Store,
     entity_key,
+    new_registry_id,
     snapshot_from_state,
 )
 from spillgate.registry.validate import apply_delta, plan_delta
@@ -36,6 +37,10 @@ CREATE TABLE IF NOT EXISTS meta (
     revision INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS identity (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    registry_id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS entities (
     kind INTEGER NOT NULL,
     key TEXT NOT NULL,
@@ -93,6 +98,13 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        # Its own table, so files written before identities existed get one on first open.
+        # INSERT OR IGNORE: when two processes create the file at once, the first id wins.
+        self._db.execute(
+            "INSERT OR IGNORE INTO identity (id, registry_id) VALUES (0, ?)", (new_registry_id(),)
+        )
+        row = self._db.execute("SELECT registry_id FROM identity WHERE id = 0").fetchone()
+        self._registry_id = str(row[0])
         self._state: dict[Key, registry_pb2.Entity] = {}
         self._revision = -1
         # The Snapshot of the current revision, built on first use (building one sorts and
@@ -116,6 +128,10 @@ class SQLiteStore(Store):
             entity = _entity(body)
             state[entity_key(entity)] = entity
         self._state, self._revision, self._snapshot = state, revision, None
+
+    def registry_id(self) -> str:
+        """The id drawn when the file was created (see Store.registry_id)."""
+        return self._registry_id
 
     def revision(self) -> int:
         """The current revision."""

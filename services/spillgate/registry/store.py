@@ -14,6 +14,7 @@ Errors map to gRPC codes in one table at the service edge:
 from __future__ import annotations
 
 import abc
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import TypeAlias
 
@@ -99,6 +100,11 @@ class NotFound(StoreError):
         self.key = key
 
 
+def new_registry_id() -> str:
+    """A fresh random registry id (32 hex digits), drawn once when a store is created."""
+    return uuid.uuid4().hex
+
+
 def kind_name(kind: EntityKind) -> str:
     """Short lower-case name of an entity kind ("region", "version", ...)."""
     return _FIELD_BY_KIND.get(kind, "unknown")
@@ -175,6 +181,15 @@ def apply_changes(
 
 class Store(abc.ABC):
     """A versioned registry store. Implementations must be safe to call from many threads."""
+
+    @abc.abstractmethod
+    def registry_id(self) -> str:
+        """The store's identity: random, fixed when the store was created, never empty.
+
+        Reopening the same store gives the same id; a store created anew (a new SQLite file,
+        an emptied Consul prefix) gets a new one. Watchers use it to tell whether a revision
+        they hold belongs to this store (registry.proto, "Identity").
+        """
 
     @abc.abstractmethod
     def revision(self) -> int:
