@@ -49,3 +49,11 @@ def retry_info(retry_after_ms: int) -> Message:
     delay.FromMilliseconds(retry_after_ms)
     info: Message = error_details_pb2.RetryInfo(retry_delay=delay)
     return info
+
+
+class ServiceError(Exception):
+    """An error raised by a service layer itself, already carrying its status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.error = RpcError(code, message)

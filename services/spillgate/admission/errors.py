@@ -7,19 +7,11 @@ import logging
 import grpc
 
 from spillgate.core.errors import InvalidRequest, NoFleet, UnknownModel
-from spillgate.status import RpcError, bad_request
+from spillgate.status import RpcError, ServiceError, bad_request
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error in admission (see its log)"
-
-
-class ServiceError(Exception):
-    """An error raised by the service layer itself, already carrying its status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.error = RpcError(code, message)
 
 
 def to_rpc_error(exc: BaseException) -> RpcError:
