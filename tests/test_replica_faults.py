@@ -348,3 +348,15 @@ def test_fault_cli_unreachable_url_exits_1_with_a_clear_message() -> None:
     assert run.returncode == 1
     assert f"cannot reach http://127.0.0.1:{port}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_executions_count_each_request_id(admin: ReplicaProcess) -> None:
+    """`GET /executions` proves upstream never ran a request twice (or shows it did)."""
+    with grpcclient.InferenceServerClient(admin.grpc) as client:
+        client.infer("simple", simple_inputs(), request_id="once")
+        client.infer("simple", simple_inputs(), request_id="twice")
+        client.infer("simple", simple_inputs(), request_id="twice")
+    status, body = http(admin, "GET", "/executions")
+    assert status == 200
+    assert body["executions"]["once"] == 1 and body["executions"]["twice"] == 2
+    assert body["duplicates"] == ["twice"]

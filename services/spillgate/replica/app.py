@@ -33,7 +33,9 @@ async def run(config: ReplicaConfig, listen: Listen, stop: asyncio.Event | None 
     server, grpc_port, servicer = await serve(
         repo, faults, listen.host, listen.grpc_port, listen.max_message_bytes
     )
-    admin = AdminHTTP(make_registry(repo), faults, repo.set_slow_factor)
+    admin = AdminHTTP(
+        make_registry(repo), faults, repo.set_slow_factor, executions=servicer.executions
+    )
     try:
         metrics_port = await admin.start(listen.host, listen.metrics_port)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 GET  /metrics   Triton-core and vLLM-style metrics (Prometheus text format)
 GET  /faults    current fault settings (JSON)
+GET  /executions  executions per request id, and ids executed more than once (JSON)
 POST /faults    JSON partial update, e.g. {"error_rate": 0.2} or {"stall": true};
                 {"crash": true} makes the process exit at once (exit code 70)
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry
 
+from spillgate.replica.executions import Executions
 from spillgate.replica.faults import Faults
 from spillgate.replica.metrics import render
 
@@ -51,11 +53,13 @@ class AdminHTTP:
         faults: Faults,
         on_slow: Callable[[float], None],
         exit_fn: Callable[[int], None] = os._exit,
+        executions: Executions | None = None,
     ) -> None:
         self._registry = registry
         self._faults = faults
         self._on_slow = on_slow
         self._exit = exit_fn
+        self._executions = executions or Executions()
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -92,7 +96,9 @@ class AdminHTTP:
                 return 400, "application/json", json.dumps({"error": str(exc)}).encode()
             self._on_slow(settings.slow_factor)
             return 200, "application/json", json.dumps(asdict(settings)).encode()
-        return 404, "text/plain", b"not found: try /metrics or /faults\n"
+        if path == "/executions":
+            return 200, "application/json", json.dumps(self._executions.as_json()).encode()
+        return 404, "text/plain", b"not found: try /metrics, /faults or /executions\n"
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

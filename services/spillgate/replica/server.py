@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from spillgate.replica.errors import TritonError, internal, invalid_arg
+from spillgate.replica.executions import Executions
 from spillgate.replica.faults import Faults
 from spillgate.replica.models import Params, Request, Response, validate
 from spillgate.replica.repository import LoadedModel, Repository
@@ -102,9 +103,12 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: TritonError
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Triton's inference service, backed by the simulated repository."""
 
-    def __init__(self, repository: Repository, faults: Faults) -> None:
+    def __init__(
+        self, repository: Repository, faults: Faults, executions: Executions | None = None
+    ) -> None:
         self.repo = repository
         self.faults = faults
+        self.executions = executions or Executions()
         self.ready = True
 
     # -- health and metadata -------------------------------------------------------------
@@ -326,6 +330,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             await self.faults.before_inference()
             stats.pending -= 1
             started = True
+            self.executions.record(req.id)
             async for resp in model.backend.execute(req):
                 yield model, req, resp
             ok = True
