@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from spillgate.core.decision import Priority, Reason, Request
 
+_PRIORITIES = tuple(Priority)  # iterating the enum class itself is slow on the hot path
+
 
 @dataclass(eq=False, slots=True)
 class QueueEntry:
@@ -60,7 +62,8 @@ class AdmissionQueue:
 
     def ahead(self, priority: Priority) -> int:
         """Entries that would be served before a new arrival of ``priority``."""
-        return sum(self._band_len[p] for p in Priority if p <= priority)
+        band_len = self._band_len
+        return sum(band_len[p] for p in _PRIORITIES if p <= priority)
 
     def has_room(self, priority: Priority) -> bool:
         """Whether ``push`` would accept an arrival of ``priority`` (pure)."""

@@ -103,10 +103,15 @@ class PrefixIndex:
         return len(self._lru.get(lane, ()))
 
     def _evict(self, lane: int) -> None:
-        lru, cap = self._lru[lane], self._capacity[lane]
+        lru, cap, holders = self._lru[lane], self._capacity[lane], self._holders
+        pop = lru.popitem
         while len(lru) > cap:
-            key, _ = lru.popitem(last=False)
-            self._drop(key, lane)
+            key, _ = pop(last=False)
+            lanes = holders.get(key)
+            if lanes is not None:
+                lanes.discard(lane)
+                if not lanes:
+                    del holders[key]
 
     def _drop(self, key: int, lane: int) -> None:
         lanes = self._holders.get(key)

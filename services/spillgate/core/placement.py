@@ -95,21 +95,24 @@ def scan(
     sum_load = sum_slots = n = backlog = 0
     rate = 0.0
     affine: list[Lane] | None = None
+    check_affinity = bool(holders) or bool(session_replica)
     for lane in lanes:
         if lane.signal_time < fresh_after or lane.draining:
             continue
         br = lane.breaker
         if br is not None and not br.allows(now):
             continue
-        load, slots = lane.load, lane.slots
+        load = lane.load
+        slots = lane.slots
+        lane_rate = lane.rate
         n += 1
         sum_load += load
         sum_slots += slots
-        rate += lane.rate
+        rate += lane_rate
         ahead = load - lane.usable[priority] + 1
         if ahead > 0:
             backlog += ahead
-            q = ahead / lane.rate
+            q = ahead / lane_rate
         else:
             q = 0.0
         itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
@@ -118,12 +121,13 @@ def scan(
             min_unloaded = pd
         if q + pd < best_total:
             best, best_total, best_q, best_itl = lane, q + pd, q, itl
-        if (holders and lane.id in holders) or (
-            session_replica and lane.replica == session_replica
+        if check_affinity and (
+            lane.id in holders or (session_replica and lane.replica == session_replica)
         ):
             if affine is None:
-                affine = []
-            affine.append(lane)
+                affine = [lane]
+            else:
+                affine.append(lane)
     if best is None:
         return NO_CANDIDATES
     pick = Pick(
@@ -160,21 +164,30 @@ def _affinity(
     cached_tokens: int,
     session_replica: str,
 ) -> Pick:
+    # Inlines predict() (same formulas, same float order); a Pick is built only for a winner.
     chosen = best
+    chosen_q, chosen_total = best.queue_ms, best.total_ms
+    ceil = math.ceil
     for lane in affine:
-        if lane.load + 1 > math.ceil(bound * lane.slots - 1e-9):
+        load, slots = lane.load, lane.slots
+        if load + 1 > ceil(bound * slots - 1e-9):
             continue  # bounded load: affinity never pushes a lane past (1 + eps) x mean
-        cached = cached_tokens if lane.id in holders else 0
-        cand = predict(lane, priority, prompt_tokens, output_tokens, cached, Reason.LOCAL_FIT)
-        if cand.queue_ms > chosen.queue_ms:
+        ahead = load - lane.usable[priority] + 1
+        q = ahead / lane.rate if ahead > 0 else 0.0
+        if q > chosen_q:
             continue  # affinity never trades a free slot for a wait
+        cached = cached_tokens if lane.id in holders else 0
+        itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
+        prefill = lane.overhead + max(0, prompt_tokens - cached) * lane.prefill_per_token
+        decode = output_tokens * itl
+        total = q + prefill + decode
         if session_replica and lane.replica == session_replica:
-            if cand.total_ms <= remaining_ms:
-                cand.reason = Reason.SESSION_AFFINITY
-                return cand  # stickiness wins whenever it fits within the load bound
-        elif cached and cand.total_ms < chosen.total_ms:
-            cand.reason = Reason.PREFIX_AFFINITY
-            chosen = cand
+            if total <= remaining_ms:
+                # stickiness wins whenever it fits within the load bound
+                return Pick(lane, q, prefill, decode, itl, cached, Reason.SESSION_AFFINITY)
+        elif cached and total < chosen_total:
+            chosen = Pick(lane, q, prefill, decode, itl, cached, Reason.PREFIX_AFFINITY)
+            chosen_q, chosen_total = q, total
     return chosen
 
 
@@ -208,12 +221,25 @@ def max_tokens_that_fit(
     remaining_ms: float,
 ) -> tuple[int, Pick | None]:
     """Largest output length any lane with a free usable slot finishes within ``remaining_ms``."""
+    # Inlines Lane.available/queue_ms/prefill_ms/itl_ms (same formulas, same float order).
     best_tokens, best_lane = -1, None
     for lane in lanes:
-        if not lane.available(now, fresh_after) or lane.queue_ms(priority) > 0:
+        if lane.signal_time < fresh_after or lane.draining:
             continue
-        left = remaining_ms - lane.queue_ms(priority) - lane.prefill_ms(prompt_tokens)
-        tokens = math.floor(left / lane.itl_ms()) if left > 0 else 0
+        br = lane.breaker
+        if br is not None and not br.allows(now):
+            continue
+        load, slots = lane.load, lane.slots
+        ahead = load - lane.usable[priority] + 1
+        q = ahead / lane.rate if ahead > 0 else 0.0
+        if q > 0:
+            continue
+        left = remaining_ms - q - (lane.overhead + prompt_tokens * lane.prefill_per_token)
+        if left > 0:
+            itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
+            tokens = math.floor(left / itl)
+        else:
+            tokens = 0
         if tokens > best_tokens:
             best_tokens, best_lane = tokens, lane
     if best_lane is None:

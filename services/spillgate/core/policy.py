@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from spillgate.core.admission_queue import AdmissionQueue, QueueEntry
 from spillgate.core.affinity import PrefixIndex, SessionEntry, SessionTable, namespace_mask
@@ -21,35 +21,34 @@ from spillgate.core.decision import (
     Action,
     Decision,
     Degrade,
-    Estimate,
     Outcome,
     Priority,
     Reason,
     Request,
     Ticket,
 )
-from spillgate.core.errors import NoFleet, PolicyError
-from spillgate.core.fleet import FleetView, ModelInfo, VersionInfo
+from spillgate.core.errors import NoFleet
+from spillgate.core.fleet import FleetView
 from spillgate.core.overflow import NeighbourState, NeighbourSummary, TokenBucket
-from spillgate.core.placement import NO_CANDIDATES, Pick, Scan, max_tokens_that_fit, scan
+from spillgate.core.placement import NO_CANDIDATES, Pick, Scan, scan
 from spillgate.core.policy_config import PolicyConfig
-from spillgate.core.policy_state import LaneSet, build_summary, pick_neighbour
+from spillgate.core.policy_fallback import (
+    Target,
+    capped_pick,
+    fallback_target,
+    output_tokens,
+    overflow_decision,
+    queue_decision,
+    retry_after_ms,
+    serve_decision,
+    shed_decision,
+    shed_reason,
+)
+from spillgate.core.policy_state import LaneSet, build_summary
 from spillgate.core.signals import Signals
 from spillgate.core.tickets import TicketBook
 
 _NO_HOLDERS: set[int] = set()
-
-
-@dataclass(slots=True)
-class _Target:
-    requested: str
-    model: str
-    version: str
-    info: VersionInfo
-    model_info: ModelInfo
-    alias: bool  # requested an alias (any of its versions is compatible unless pinned)
-    pinned: bool  # the version came from the session table
-    session_replica: str
 
 
 class Policy:
@@ -73,7 +72,7 @@ class Policy:
         self._breakers: dict[str, Breaker] = {}
         self._neighbours: dict[str, NeighbourState] = {}
         self._queue = AdmissionQueue(config.queue_capacity, config.band_capacity, config.band_ttl_s)
-        self._queued_targets: dict[int, _Target] = {}
+        self._queued_targets: dict[int, Target] = {}
         self._finished: list[tuple[Request, Decision]] = []
         prefix = f"{region}-{instance}" if instance else region
         self._tickets = TicketBook(region, config.ticket_lease_s, prefix)
@@ -142,7 +141,7 @@ class Policy:
         request.validate()
         target = self._resolve(fleet, request, commit)
         remaining = request.remaining_ms(now)
-        tokens = self._output_tokens(request, target.model_info)
+        tokens = output_tokens(self._cfg, request, target.model_info)
         local_ok = not request.residency_zone or request.residency_zone == self._zone
         local = NO_CANDIDATES
         if local_ok and remaining > 0:
@@ -171,16 +170,7 @@ class Policy:
             degraded = self._degrade(fleet, request, target, tokens, remaining, now, commit)
             if degraded is not None:
                 return degraded
-        if local.pick is None:
-            reason, detail = Reason.NO_REPLICAS, "no ready replica with fresh signals"
-        elif not local.unloaded_fits:
-            reason, detail = Reason.BUDGET_EXCEEDED, "cannot fit the budget even unloaded"
-        elif queue_full:
-            reason, detail = Reason.QUEUE_FULL, f"admission queue full for {prio.name}"
-        else:
-            reason, detail = Reason.NO_HEADROOM, "no capacity within the budget"
-        if remaining <= 0:
-            reason, detail = Reason.BUDGET_EXCEEDED, "budget already spent on arrival"
+        reason, detail = shed_reason(local, queue_full, prio, remaining)
         return self._shed(request, target, reason, detail, remaining, local)
 
     def drain_queue(self, now: float) -> list[tuple[Request, Decision]]:
@@ -200,7 +190,7 @@ class Policy:
             if key in blocked:
                 continue  # an earlier entry of the same version and priority could not start
             remaining = req.remaining_ms(now)
-            tokens = self._output_tokens(req, target.model_info)
+            tokens = output_tokens(self._cfg, req, target.model_info)
             local = self._scan(target, req, tokens, remaining, now)
             if local.pick is None or local.pick.queue_ms > 0 or not local.fits:
                 blocked.add(key)
@@ -287,7 +277,7 @@ class Policy:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _resolve(self, fleet: FleetView, req: Request, commit: bool) -> _Target:
+    def _resolve(self, fleet: FleetView, req: Request, commit: bool) -> Target:
         entry = self._sessions.get(req.session_id) if req.session_id else None
         if (
             entry is not None
@@ -301,7 +291,7 @@ class Policy:
             replica, pinned = "", False
         alias = fleet.is_alias(req.model)
         info, model_info = fleet.versions[(model, version)], fleet.models[model]
-        return _Target(req.model, model, version, info, model_info, alias, pinned, replica)
+        return Target(req.model, model, version, info, model_info, alias, pinned, replica)
 
     def _uniform(self, req: Request, commit: bool) -> float:
         # Dry runs must not advance the RNG (that would change later committed decisions),
@@ -309,10 +299,6 @@ class Policy:
         if commit:
             return self._rng.random()
         return zlib.crc32((req.session_id or req.request_id).encode()) / 2**32
-
-    def _output_tokens(self, req: Request, model: ModelInfo) -> int:
-        tokens = req.max_tokens if req.max_tokens > 0 else self._cfg.default_output_tokens
-        return min(tokens, model.max_output_tokens) if model.max_output_tokens > 0 else tokens
 
     def _mask(self, model: str, version: str, salt: str) -> int:
         key = (model, version, salt)
@@ -324,7 +310,7 @@ class Policy:
         return mask
 
     def _scan(
-        self, target: _Target, req: Request, tokens: int, remaining: float, now: float
+        self, target: Target, req: Request, tokens: int, remaining: float, now: float
     ) -> Scan:
         lanes = self._lanes.of_version(target.model, target.version)
         if not lanes:
@@ -344,7 +330,7 @@ class Policy:
     def _serve(
         self,
         req: Request,
-        target: _Target,
+        target: Target,
         pick: Pick,
         remaining: float,
         now: float,
@@ -369,51 +355,32 @@ class Policy:
                 self.overflow_in_total += 1
             predicted_prefill = pick.queue_ms + pick.prefill_ms
             ticket = self._tickets.issue(lane, now, predicted_prefill, pick.itl_ms)
-        return Decision(
-            action, reason, f"{lane.replica}: predicted {pick.total_ms:.0f} ms of "
-            f"{remaining:.0f} ms", pick.estimate(remaining), self._region, lane.replica,
-            lane.endpoint, lane.model, lane.version, lane.triton_model_name,
-            lane.triton_model_version, degrade, ticket=ticket,
-        )  # fmt: skip
+        return serve_decision(self._region, pick, remaining, action, reason, degrade, ticket)
 
     def _overflow(
-        self,
-        fleet: FleetView,
-        req: Request,
-        target: _Target,
-        tokens: int,
-        remaining: float,
-        now: float,
-        commit: bool,
-    ) -> Decision | None:
-        # An alias request not pinned by its session may take any version the alias maps
-        # to in the neighbour region; a pinned one needs exactly its version.
-        alias = target.requested if target.alias and not target.pinned else ""
-        found = pick_neighbour(
-            fleet, self._region, self._neighbours, self._cfg, req,
-            (target.model, target.version), alias, tokens, remaining, now,
+        self, fleet: FleetView, req: Request, target: Target, tokens: int, remaining: float,
+        now: float, commit: bool,
+    ) -> Decision | None:  # fmt: skip
+        found = overflow_decision(
+            fleet, self._region, self._neighbours, self._cfg, req, target, tokens, remaining,
+            now,
         )  # fmt: skip
         if found is None:
             return None
-        region, state, model, version, est = found
+        decision, state = found
         if commit:
             state.bucket.take(now)
             state.breaker.on_attempt(now)
             self.overflow_out_total += 1
             if req.session_id:
-                self._sessions.put(req.session_id, SessionEntry(req.model, model, version, ""))
-        info = fleet.versions[(model, version)]
-        return Decision(
-            Action.OVERFLOW, Reason.OVERFLOW_FIT,
-            f"{region.id}: predicted {est.total_ms:.0f} ms incl. {est.network_ms:.0f} ms RTT",
-            est, region.id, "", region.gateway_endpoint, model, version,
-            info.triton_model_name, info.triton_model_version,
-        )  # fmt: skip
+                entry = SessionEntry(req.model, decision.model, decision.version, "")
+                self._sessions.put(req.session_id, entry)
+        return decision
 
     def _enqueue(
         self,
         req: Request,
-        target: _Target,
+        target: Target,
         pick: Pick,
         wait_ms: float,
         remaining: float,
@@ -430,54 +397,29 @@ class Policy:
                 detail = f"displaced by a {req.priority.name} request"
                 shed = self._shed_entry(displaced, victim, Reason.DISPLACED, detail, now)
                 self._finished.append((displaced.request, shed))
-        lane = pick.lane
-        est = pick.estimate(remaining)
-        return Decision(
-            Action.QUEUE, Reason.QUEUED, f"wait ~{wait_ms:.0f} ms for a slot", est,
-            self._region, lane.replica, lane.endpoint, lane.model, lane.version,
-            lane.triton_model_name, lane.triton_model_version, queue_ms=wait_ms,
-        )  # fmt: skip
+        return queue_decision(self._region, pick, wait_ms, remaining)
 
     def _degrade(
-        self,
-        fleet: FleetView,
-        req: Request,
-        target: _Target,
-        tokens: int,
-        remaining: float,
-        now: float,
-        commit: bool,
-    ) -> Decision | None:
-        fallback = target.model_info.fallback_model
-        if fallback and fallback in fleet.models:
-            try:
-                model, version = fleet.resolve(fallback, self._region, self._uniform(req, commit))
-            except PolicyError:
-                model = ""
-            if model:
-                fb = _Target(
-                    fallback, model, version, fleet.versions[(model, version)],
-                    fleet.models[model], False, False, "",
+        self, fleet: FleetView, req: Request, target: Target, tokens: int, remaining: float,
+        now: float, commit: bool,
+    ) -> Decision | None:  # fmt: skip
+        fb = fallback_target(fleet, self._region, target, lambda: self._uniform(req, commit))
+        if fb is not None:
+            fb_tokens = output_tokens(self._cfg, req, fb.model_info)
+            local = self._scan(fb, req, fb_tokens, remaining, now)
+            if local.fits and local.pick is not None:
+                deg = Degrade(fallback_model=fb.model)
+                return self._serve(
+                    req, fb, local.pick, remaining, now, commit,
+                    Reason.DEGRADE_FALLBACK, Action.DEGRADE, deg,
                 )  # fmt: skip
-                fb_tokens = self._output_tokens(req, fb.model_info)
-                local = self._scan(fb, req, fb_tokens, remaining, now)
-                if local.fits and local.pick is not None:
-                    deg = Degrade(fallback_model=model)
-                    return self._serve(
-                        req, fb, local.pick, remaining, now, commit,
-                        Reason.DEGRADE_FALLBACK, Action.DEGRADE, deg,
-                    )  # fmt: skip
         lanes = self._lanes.of_version(target.model, target.version)
-        fresh_after = now - self._cfg.stale_after_s
-        capped, pick = max_tokens_that_fit(
-            lanes, now, fresh_after, int(req.priority), req.prompt_tokens, remaining
-        )
-        if pick is None or capped < max(self._cfg.min_degrade_tokens, 1) or capped >= tokens:
+        capped = capped_pick(lanes, self._cfg, req, tokens, remaining, now)
+        if capped is None:
             return None
-        deg = Degrade(max_tokens=capped)
         return self._serve(
-            req, target, pick, remaining, now, commit, Reason.DEGRADE_MAX_TOKENS,
-            Action.DEGRADE, deg,
+            req, target, capped[1], remaining, now, commit, Reason.DEGRADE_MAX_TOKENS,
+            Action.DEGRADE, Degrade(max_tokens=capped[0]),
         )  # fmt: skip
 
     def _queue_ahead_ms(self, local: Scan, prio: Priority) -> float:
@@ -486,20 +428,10 @@ class Policy:
             return 0.0
         return ahead / local.drain_rate if local.drain_rate > 0 else math.inf
 
-    def _retry_after_ms(self, local: Scan, prio: Priority) -> int:
-        # Time for the backlog ahead of this request (admission queue + replica queues) to
-        # drain at the candidates' completion rate, clamped.
-        cfg = self._cfg
-        if local.drain_rate <= 0:
-            ms = float(cfg.retry_after_no_capacity_ms)
-        else:
-            ms = (self._queue.ahead(prio) + local.backlog + 1) / local.drain_rate
-        return int(min(cfg.retry_after_max_ms, max(cfg.retry_after_min_ms, math.ceil(ms))))
-
     def _shed(
         self,
         req: Request,
-        target: _Target,
+        target: Target,
         reason: Reason,
         detail: str,
         remaining: float,
@@ -508,21 +440,15 @@ class Policy:
         if reason is Reason.RESIDENCY:
             retry = self._cfg.retry_after_max_ms  # only a fleet change helps
         else:
-            retry = self._retry_after_ms(local, req.priority)
-        pick = local.pick
-        est = pick.estimate(remaining) if pick is not None else Estimate(budget_ms=remaining)
-        return Decision(
-            Action.SHED, reason, detail, est, self._region, model=target.model,
-            version=target.version, triton_model_name=target.info.triton_model_name,
-            triton_model_version=target.info.triton_model_version, retry_after_ms=retry,
-        )  # fmt: skip
+            retry = retry_after_ms(self._cfg, local, self._queue.ahead(req.priority))
+        return shed_decision(self._region, target, reason, detail, remaining, local, retry)
 
     def _shed_entry(
-        self, entry: QueueEntry, target: _Target, reason: Reason, detail: str, now: float
+        self, entry: QueueEntry, target: Target, reason: Reason, detail: str, now: float
     ) -> Decision:
         req = entry.request
         remaining = req.remaining_ms(now)
-        tokens = self._output_tokens(req, target.model_info)
+        tokens = output_tokens(self._cfg, req, target.model_info)
         local = self._scan(target, req, tokens, remaining, now)  # for retry-after only
         shed = self._shed(req, target, reason, detail, remaining, replace(local, pick=None))
         return _with_queue_ms(shed, (now - entry.enqueued_at) * 1000.0)
