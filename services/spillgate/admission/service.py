@@ -29,10 +29,11 @@ from spillgate.admission.convert import (
     summary_to_proto,
     ticket_to_proto,
 )
-from spillgate.admission.errors import ServiceError, to_rpc_error
+from spillgate.admission.errors import to_rpc_error
 from spillgate.core.decision import Action, Decision, Outcome, Request
 from spillgate.core.policy import Policy
 from spillgate.core.policy_config import PolicyConfig
+from spillgate.status import ServiceError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ import grpc
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
 from spillgate.registry.directory import ReplicaDirectory
-from spillgate.registry.errors import ServiceError, to_rpc_error
+from spillgate.registry.errors import to_rpc_error
 from spillgate.registry.leases import Leases
 from spillgate.registry.store import (
     PLACEMENT,
@@ -37,6 +37,7 @@ from spillgate.registry.store import (
     state_from_snapshot,
 )
 from spillgate.registry.validate import plan_apply, validate_entity
+from spillgate.status import ServiceError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
