@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy clean
+.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission clean
 
 venv: $(STAMP)
 
@@ -53,7 +53,7 @@ pytest: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # All benchmarks; ARGS goes to the one run by its own target.
-bench: bench-replica bench-registry bench-policy
+bench: bench-replica bench-registry bench-policy bench-admission
 
 bench-replica: venv
 	$(BIN)/python bench/replica_capacity.py $(ARGS)
@@ -65,6 +65,11 @@ bench-registry: venv
 # In-process Policy.decide latency p50/p99, 3 regions x 64 replicas (~5 s).
 bench-policy: venv
 	$(BIN)/python bench/policy_decide.py $(ARGS)
+
+# Admit RPC p50/p99 and decisions/s against a real admission process (3 regions x 64
+# replicas, static signals) next to a bare grpc.aio echo server, same client (~30 s).
+bench-admission: venv
+	$(BIN)/python bench/admission_rpc.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

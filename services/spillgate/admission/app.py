@@ -34,7 +34,7 @@ from spillgate.admission.service import AdmissionServicer
 from spillgate.admission.signals import Scraper, ScrapeTarget, backend_kind
 from spillgate.core.policy import Policy
 from spillgate.core.policy_config import PolicyConfig
-from spillgate.core.signals import Signals
+from spillgate.core.signals import ModelLoad, Signals
 from spillgate.registry.client import RegistryClient
 from spillgate.registry.store import MODEL, REGION, REPLICA
 
@@ -49,13 +49,26 @@ class Listen:
 
 
 class Admission:
-    """The running admission of one region: policy, servicer and its input feeds."""
+    """The running admission of one region: policy, servicer and its input feeds.
+
+    ``static_signals`` (benchmarks and tests only) replaces scraping and health checks: every
+    replica of the region reads idle (no running or waiting requests) with fresh signals, and
+    no breaker ever sees a probe failure, so the registered replicas need not exist. Load then
+    comes from this admission's own ticket accounting alone.
+    """
 
     def __init__(
-        self, region: str, registry: str, config: PolicyConfig | None = None, seed: int = 0
+        self,
+        region: str,
+        registry: str,
+        config: PolicyConfig | None = None,
+        seed: int = 0,
+        static_signals: bool = False,
     ) -> None:
         self.region = region
         self.config = config or PolicyConfig()
+        self.static_signals = static_signals
+        self._static: dict[str, tuple[str, ...]] = {}  # replica -> Triton model names
         instance = uuid.uuid4().hex[:6]
         self.policy = Policy(self.config, region, random.Random(seed), instance=instance)
         self.servicer = AdmissionServicer(self.policy, region, self.config)
@@ -93,6 +106,7 @@ class Admission:
             if kind == MODEL:
                 kinds[key] = entity.model.kind
         scrape, checks = {}, {}
+        self._static = {}
         for (kind, _), entity in state.items():
             if kind != REPLICA or entity.replica.region != self.region:
                 continue
@@ -108,6 +122,9 @@ class Admission:
                 if (v.model, v.version) in fleet.versions
                 and kinds.get(v.model) == common_pb2.MODEL_KIND_LLM
             ]
+            if self.static_signals:
+                self._static[r.id] = names
+                continue
             if r.metrics_endpoint:
                 backend = common_pb2.BackendKind.Name(r.backend).removeprefix("BACKEND_KIND_")
                 scrape[r.id] = ScrapeTarget(r.metrics_endpoint, backend_kind(backend))
@@ -125,6 +142,16 @@ class Admission:
         if first:
             log.info("first registry snapshot: revision %d", revision)
             asyncio.get_running_loop().create_task(self._serving())
+
+    async def _static_feed(self) -> None:
+        """``static_signals``: report every local replica idle and fresh, each scrape period."""
+        while True:
+            now = time.monotonic()
+            for replica, names in self._static.items():
+                idle = ModelLoad(running=0, waiting=0, kv_usage=0.0, pending=0)
+                self.policy.observe_signals(replica, Signals(now, dict.fromkeys(names, idle)), now)
+            self.servicer.kick()
+            await asyncio.sleep(self.config.scrape_interval_s)
 
     async def _serving(self) -> None:
         for name in ("", SERVICE_NAME):
@@ -150,6 +177,7 @@ class Admission:
         await self.registry.start()
         self.scraper.start()
         self.health.start()
+        static = asyncio.create_task(self._static_feed()) if self.static_signals else None
         print(
             f"spillgate admission ready grpc={listen.host}:{bound} region={self.region}",
             flush=True,
@@ -157,6 +185,10 @@ class Admission:
         try:
             await stop.wait()
         finally:
+            if static is not None:
+                static.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await static
             await server.stop(grace=1.0)
             await self.peers.close()
             await self.health.close()
@@ -165,13 +197,13 @@ class Admission:
             await self.servicer.close()
 
 
-async def serve(region: str, registry: str, listen: Listen) -> None:
+async def serve(region: str, registry: str, listen: Listen, static_signals: bool = False) -> None:
     """Run until SIGINT/SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Admission(region, registry).run(listen, stop)
+    await Admission(region, registry, static_signals=static_signals).run(listen, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,13 +218,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7080, help="gRPC port; 0 = any free port")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--static-signals",
+        action="store_true",
+        help="benchmarks/tests only: no scraping or health checks; every replica of the "
+        "region counts as idle with fresh signals (replicas need not exist)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            asyncio.run(serve(args.region, args.registry, Listen(args.host, args.port)))
+            listen = Listen(args.host, args.port)
+            asyncio.run(serve(args.region, args.registry, listen, args.static_signals))
         except OSError as exc:
             print(f"spillgate admission: {exc}", file=sys.stderr)
             return 1
