@@ -410,3 +410,30 @@ def test_request_helpers() -> None:
     assert resolve_budget_ms(1200, 500, 10.2, 10.0) == pytest.approx(200)
     r = replace(req(), budget_ms=100.0, arrival=1.0)
     assert r.remaining_ms(1.05) == pytest.approx(50.0)
+
+
+def test_learned_slowness_fades_while_a_replica_is_idle() -> None:
+    """A replica measured slow (then fixed) must not be shunned forever: idle scrapes fade
+    what was learned back to the prior, so it gets traffic and is measured again."""
+    from spillgate.core.fleet import ReplicaInfo, ReplicaStatus, VersionInfo
+    from spillgate.core.lanes import Lane
+    from spillgate.core.signals import ModelLoad
+
+    config = PolicyConfig()
+    replica = ReplicaInfo("r", "us", "h:1", ReplicaStatus.READY, (("m", "v1"),))
+    lane = Lane(0, replica, VersionInfo("m", "v1", "m"), config)
+    prior = lane.service_ms
+    for _ in range(20):
+        lane.learn(total_ms=prior * 8, ttft_ms=0, output_tokens=0, predicted_prefill_ms=0,
+                   predicted_itl_ms=0)  # fmt: skip
+    slow = lane.service_ms
+    assert slow > prior * 5
+    idle = ModelLoad(running=0, waiting=0)
+    busy = ModelLoad(running=3, waiting=0)
+    lane.observe(busy, 0.0)
+    lane.observe(busy, 60.0)  # busy: nothing is forgotten
+    assert lane.service_ms == slow
+    for t in range(61, 61 + 6 * int(config.learned_decay_s)):
+        lane.observe(idle, float(t))
+    assert lane.service_ms == pytest.approx(prior, rel=0.05)
+    assert lane.rate == pytest.approx(lane.slots / lane.service_ms)

@@ -30,9 +30,11 @@ class Lane:
 
     __slots__ = (
         "_alpha",
+        "_decay_s",
         "_itl_base0",
         "_itl_per_seq0",
         "_prefill0",
+        "_service0",
         "breaker",
         "delta",
         "draining",
@@ -88,7 +90,9 @@ class Lane:
         self.draining = False
         self.breaker: Breaker | None = None
         self._alpha = config.ewma_alpha
-        self.service_ms = prior.service_ms()
+        self._decay_s = config.learned_decay_s
+        self._service0 = prior.service_ms()
+        self.service_ms = self._service0
         self.rate = self.slots / self.service_ms  # completions per ms with every slot busy
         self.overhead = prior.ttft_overhead_ms
         self._prefill0 = prior.prefill_ms_per_token
@@ -103,8 +107,21 @@ class Lane:
         if in_system is None:
             self.signal_time = -math.inf
             return
+        if in_system == 0 and self.inflight == 0 and self._decay_s > 0:
+            self._forget(now - self.signal_time)
         self.scraped, self.signal_time, self.delta = in_system, now, 0
         self._reload()
+
+    def _forget(self, idle_s: float) -> None:
+        """Fade learned rates toward the prior over ``idle_s`` seconds of idleness."""
+        if not 0 < idle_s < math.inf:
+            return
+        f = 1.0 - math.exp(-idle_s / self._decay_s)
+        self.service_ms += f * (self._service0 - self.service_ms)
+        self.rate = self.slots / self.service_ms
+        self.prefill_per_token += f * (self._prefill0 - self.prefill_per_token)
+        self.itl_base += f * (self._itl_base0 - self.itl_base)
+        self.itl_per_seq += f * (self._itl_per_seq0 - self.itl_per_seq)
 
     def admit(self) -> None:
         """Account one request this admission sent here."""

@@ -111,6 +111,10 @@ class PolicyConfig:
     retry_after_no_capacity_ms: int = 1000  # when no replica drains (all stale or down)
     ticket_lease_s: float = 30.0
     ewma_alpha: float = 0.2  # weight of a new observation in service-rate learning
+    # While a replica sits idle, what was learned about it fades back to the prior with this
+    # time constant, so a replica once measured slow (then fixed) gets traffic again and is
+    # re-measured. 0 = never forget.
+    learned_decay_s: float = 30.0
     min_degrade_tokens: int = 16  # never cap max_tokens below this
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     neighbour_breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -143,7 +147,7 @@ class PolicyConfig:
         )
         for name in positive:
             _check(name, getattr(self, name), low=0.0, strict=True)
-        for name in ("epsilon", "min_prefix_blocks", "min_degrade_tokens"):
+        for name in ("epsilon", "min_prefix_blocks", "min_degrade_tokens", "learned_decay_s"):
             _check(name, getattr(self, name), low=0.0)
         for name in ("overflow_fraction", "hysteresis_exit", "hysteresis_enter", "ewma_alpha"):
             _check(name, getattr(self, name), low=0.0, high=1.0)
