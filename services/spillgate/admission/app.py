@@ -75,7 +75,7 @@ class Admission:
         self.registry = RegistryClient(registry)
         self.scraper = Scraper(on_signals=self._on_signals)
         self.health = HealthChecker(on_event=self._on_health)
-        self.peers = Peers(region, self._on_summary)
+        self.peers = Peers(region, self._on_summary, on_failure=self._on_peer_failure)
         self.health_servicer = health.aio.HealthServicer()
 
     # -- feeds ------------------------------------------------------------------------------
@@ -91,6 +91,10 @@ class Admission:
     def _on_summary(self, summary: common_pb2.RegionSummary) -> None:
         clocks = self.servicer.clocks()
         self.policy.observe_neighbour(summary_from_proto(summary, clocks), clocks.mono)
+        self.policy.record_neighbour_result(summary.region, True, clocks.mono)
+
+    def _on_peer_failure(self, region: str) -> None:
+        self.policy.record_neighbour_result(region, False, time.monotonic())
 
     def _on_registry(self, revision: int) -> None:
         state = self.registry.state

@@ -1,5 +1,8 @@
 """Subscriptions to neighbour admissions' WatchRegion streams.
 
+Each failed or ended subscription is reported (`on_failure`), which feeds the neighbour's
+circuit breaker; each summary received counts as a success.
+
 One task per neighbour keeps a stream open and hands every RegionSummary to a callback;
 after any failure it reconnects with capped, jittered backoff. The policy ages summaries
 itself: a neighbour whose stream is down simply stops being fresh and so is never an
@@ -39,10 +42,12 @@ class Peers:
         region: str,
         on_summary: Callable[[common_pb2.RegionSummary], None],
         config: PeersConfig | None = None,
+        on_failure: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._region = region
         self._on_summary = on_summary
+        self._on_failure = on_failure or (lambda region: None)
         self._config = config or PeersConfig()
         self._rng = rng or random.Random()
         self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
@@ -101,5 +106,6 @@ class Peers:
             except Exception:
                 log.exception("neighbour %s subscription failed", region)
             self.connected[region] = False
+            self._on_failure(region)
             await asyncio.sleep(delay * (1 - 0.2 * self._rng.random()))
             delay = min(delay * 2, c.backoff_max_s)
