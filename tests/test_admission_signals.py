@@ -165,7 +165,8 @@ def test_triton_core_sums_versions_and_failure_reasons_and_leaves_running_unknow
     assert set(s.models) == {"resnet", "bert"}
     r = load(s, "resnet")
     assert (r.pending, r.waiting) == (4, 4)
-    assert r.running is None and r.kv_usage is None and r.in_system is None
+    assert r.running is None and r.kv_usage is None
+    assert r.in_system == 4  # Triton core: its pending queue is the only load signal
     assert (r.success, r.failure, r.exec_count) == (15.0, 3.0, 7.0)
     assert (r.request_duration_us, r.queue_duration_us) == (1000.0, 250.0)
     assert load(s, "bert").pending == 0

@@ -113,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate registry --help`")
     reg.set_defaults(func=_registry)
+    k = sub.add_parser("keys", help="the gateway's API keys: create, list, revoke", add_help=False)
+    k.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate keys --help`")
+    k.set_defaults(func=lambda _: (print("usage: spillgate keys --help"), 2)[1])
     a = sub.add_parser(
         "admission",
         help="one region's admission service: `spillgate admission serve --region R ...`",
@@ -120,6 +123,13 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument("rest", nargs=argparse.REMAINDER)
     a.set_defaults(func=lambda _: (print("usage: spillgate admission serve --help"), 2)[1])
+    gw = sub.add_parser(
+        "gateway",
+        help="one region's public API (gRPC + OpenAI HTTP): `spillgate gateway serve ...`",
+        add_help=False,
+    )
+    gw.add_argument("rest", nargs=argparse.REMAINDER)
+    gw.set_defaults(func=lambda _: (print("usage: spillgate gateway serve --help"), 2)[1])
     return p
 
 
@@ -130,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         from spillgate.registry.cli import main as registry_main
 
         return registry_main(argv[1:])
+    if argv[:1] == ["keys"]:
+        from spillgate.gateway.keys_cli import main as keys_main
+
+        return keys_main(argv[1:])
+    if argv[:2] == ["gateway", "serve"]:
+        from spillgate.gateway.app import main as gateway_main
+
+        return gateway_main(argv[2:])
     if argv[:2] == ["admission", "serve"]:
         from spillgate.admission.app import main as admission_main
 

@@ -32,10 +32,12 @@ class ModelLoad:
 
     @property
     def in_system(self) -> int | None:
-        """running + waiting, or None when either is unknown."""
-        if self.running is None or self.waiting is None:
-            return None
-        return self.running + self.waiting
+        """Requests inside the replica: running + waiting for engines that report them (vLLM,
+        TensorRT-LLM); else Triton core's pending count (models without an engine, such as
+        `simple`, only have that queue signal); None when nothing is known."""
+        if self.running is not None and self.waiting is not None:
+            return self.running + self.waiting
+        return self.pending
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,376 @@
+"""One chat request through the gateway: validate, admit, then serve, overflow or shed.
+
+Transport-neutral: the gRPC servicer, the Triton passthrough and the OpenAI HTTP API all
+call `Gateway.chat`, which yields `ChatResponse`s (route first, text deltas, then the final
+one with finish reason and usage) or raises `GatewayError`. Guarantees:
+- every admitted slot is released exactly once (OK / ERROR / CANCELLED / TIMEOUT) with
+  timings and token counts, whatever happens to the caller;
+- a retry happens only before the first token reached the caller, only when the replica
+  provably did no work (UNAVAILABLE before any response), and within the retry budget;
+- an OVERFLOW forwards to the neighbour's gateway with hops + 1, the remaining deadline and
+  the residency zone, so the neighbour never overflows it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from spillgate._proto import (
+    admission_pb2,
+    admission_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+)
+from spillgate.core.decision import Priority
+from spillgate.core.prefix import block_hashes, tokenize
+from spillgate.core.retry_budget import RetryBudget
+from spillgate.gateway.auth import Caller
+from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid
+from spillgate.gateway.forward import ReplicaError, Replicas
+from spillgate.gateway.models import ModelCatalog
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16  # tokens per prefix block; the simulator's (and vLLM's) default
+HOPS_KEY = "x-spillgate-hops"
+ORIGIN_KEY = "x-spillgate-origin-region"
+_FINISH = {"stop": gateway_pb2.FINISH_REASON_STOP, "length": gateway_pb2.FINISH_REASON_LENGTH}
+_ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A chat request with its transport facts."""
+
+    request: gateway_pb2.ChatRequest
+    caller: Caller
+    request_id: str = ""
+    hops: int = 0
+    origin_region: str = ""
+    deadline: float | None = None  # monotonic seconds; None = the priority's budget only
+    forward_metadata: tuple[tuple[str, str], ...] = ()  # auth to pass on when overflowing
+
+
+def render_prompt(messages: Sequence[gateway_pb2.ChatMessage]) -> str:
+    """The text sent to the model: one `role: content` line per message, then `assistant:`."""
+    lines = [f"{m.role}: {m.content}" for m in messages]
+    lines.append("assistant:")
+    return "\n".join(lines)
+
+
+def validate(request: gateway_pb2.ChatRequest, catalog: ModelCatalog) -> tuple[str, int]:
+    """Check the request; returns (prompt, max_tokens to ask for). Raises GatewayError."""
+    if not request.model:
+        raise invalid("model", "required")
+    limits = catalog.limits(request.model)  # NOT_FOUND for unknown models
+    if not request.messages:
+        raise invalid("messages", "at least one message is required")
+    for i, m in enumerate(request.messages):
+        if m.role not in _ROLES:
+            raise invalid(f"messages[{i}].role", f"must be one of {', '.join(sorted(_ROLES))}")
+    if request.max_tokens > limits.max_output_tokens:
+        raise invalid(
+            "max_tokens",
+            f"{request.max_tokens} is above {request.model}'s limit of {limits.max_output_tokens}",
+        )
+    if request.HasField("temperature") and not 0 <= request.temperature <= 2:
+        raise invalid("temperature", "must be between 0 and 2")
+    if request.HasField("top_p") and not 0 < request.top_p <= 1:
+        raise invalid("top_p", "must be in (0, 1]")
+    if request.priority not in (0, *iter(Priority)):
+        raise invalid("priority", f"unknown priority {request.priority}")
+    prompt = render_prompt(request.messages)
+    max_tokens = request.max_tokens or min(limits.max_output_tokens, 256)
+    n_prompt = len(tokenize(prompt))
+    if limits.max_context_tokens and n_prompt + max_tokens > limits.max_context_tokens:
+        raise invalid(
+            "messages",
+            f"{n_prompt} prompt + {max_tokens} output tokens exceed {request.model}'s context "
+            f"of {limits.max_context_tokens} tokens",
+        )
+    return prompt, max_tokens
+
+
+class Gateway:
+    """The region's gateway logic; thin transports call `chat`."""
+
+    def __init__(
+        self,
+        region: str,
+        admission: admission_pb2_grpc.AdmissionServiceAsyncStub,
+        catalog: ModelCatalog,
+        *,
+        emulate_rtt: bool = False,
+        max_attempts: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.region = region
+        self._admission = admission
+        self.catalog = catalog
+        self.replicas = Replicas()
+        self._emulate_rtt = emulate_rtt
+        self._max_attempts = max_attempts
+        self._clock = clock
+        self._retry = RetryBudget()
+        self._peers: dict[
+            str, tuple[grpc.aio.Channel, gateway_pb2_grpc.GatewayServiceAsyncStub]
+        ] = {}
+        self.admission_ok: bool | None = None  # last Admit reached admission (None: not yet)
+
+    async def close(self) -> None:
+        await self.replicas.close()
+        for channel, _ in self._peers.values():
+            await channel.close()
+        self._peers.clear()
+
+    def _peer(self, endpoint: str) -> gateway_pb2_grpc.GatewayServiceAsyncStub:
+        if endpoint not in self._peers:
+            channel = grpc.aio.insecure_channel(endpoint)
+            self._peers[endpoint] = (channel, gateway_pb2_grpc.GatewayServiceStub(channel))
+        return self._peers[endpoint][1]
+
+    def _remaining_s(self, call: ChatCall) -> float | None:
+        return None if call.deadline is None else call.deadline - self._clock()
+
+    # -- the flow ---------------------------------------------------------------------------
+
+    async def chat(self, call: ChatCall) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        """Stream the answer; raises GatewayError (before or after the first message)."""
+        request = call.request
+        prompt, max_tokens = validate(request, self.catalog)
+        request_id = call.request_id or uuid.uuid4().hex
+        context = self._context(call, prompt, max_tokens, request_id)
+        for attempt in range(1, self._max_attempts + 1):
+            decision = await self._admit(context, call)
+            if decision.action == common_pb2.ACTION_SHED:
+                raise GatewayError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"no capacity for {request.model} within the budget ({decision.reason}); "
+                    f"retry after {decision.retry_after_ms} ms",
+                    retry_after_ms=decision.retry_after_ms or 1000,
+                )
+            if decision.action == common_pb2.ACTION_OVERFLOW:
+                async for response in self._overflow(call, decision, request_id):
+                    yield response
+                return
+            started = False
+            try:
+                async for response in self._serve(call, decision, prompt, max_tokens, request_id):
+                    started = True
+                    yield response
+                self._retry.on_success()
+                return
+            except ReplicaError as exc:
+                self._retry.on_failure()
+                if (
+                    started
+                    or not exc.retryable
+                    or attempt == self._max_attempts
+                    or not self._retry.allow_retry()
+                ):
+                    raise GatewayError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"replica {decision.replica} failed the request; retry later",
+                    ) from None
+                log.info("retrying %s after %s on %s", request_id, exc, decision.replica)
+        raise AssertionError("unreachable")
+
+    def _context(
+        self, call: ChatCall, prompt: str, max_tokens: int, request_id: str
+    ) -> common_pb2.RequestContext:
+        r = call.request
+        tokens = tokenize(prompt)
+        # Larger values are less important: a caller never gets above its key's ceiling.
+        priority = max(int(r.priority or Priority.NORMAL), int(call.caller.priority_ceiling))
+        context = common_pb2.RequestContext(
+            request_id=request_id,
+            tenant=call.caller.tenant,
+            priority=priority,  # type: ignore[arg-type]
+            session_id=r.session_id,
+            model=r.model,
+            prompt_tokens=len(tokens),
+            prefix_block_hashes=block_hashes(tokens, BLOCK_SIZE, r.cache_salt),
+            block_size_tokens=BLOCK_SIZE,
+            cache_salt=r.cache_salt,
+            max_tokens=max_tokens,
+            residency_zone=r.residency_zone,
+            allow_degrade=r.allow_degrade,
+            budget_ms=r.budget_ms,
+            hops=call.hops,
+            origin_region=call.origin_region or self.region,
+        )
+        return context
+
+    async def _admit(
+        self, context: common_pb2.RequestContext, call: ChatCall
+    ) -> common_pb2.Decision:
+        return await self.admit(context, call.deadline)
+
+    # -- public steps for other transports (the Triton passthrough) ---------------------
+
+    async def admit(
+        self, context: common_pb2.RequestContext, deadline: float | None = None
+    ) -> common_pb2.Decision:
+        """Ask admission for a decision (QUEUE waits inside); `deadline` is monotonic
+        seconds and caps the context's budget. Raises GatewayError."""
+        remaining = None if deadline is None else deadline - self._clock()
+        if remaining is not None and remaining <= 0:
+            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        if remaining is not None:
+            context.budget_ms = max(1, min(context.budget_ms or 2**31, int(remaining * 1000)))
+        try:
+            response = await self._admission.Admit(
+                admission_pb2.AdmitRequest(context=context), timeout=remaining
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.admission_ok = exc.code() != grpc.StatusCode.UNAVAILABLE
+            raise as_gateway_error(exc) from None
+        self.admission_ok = True
+        decision: common_pb2.Decision = response.decision
+        return decision
+
+    async def release(
+        self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
+    ) -> None:
+        """Give an admitted slot back (shielded from cancellation; never raises)."""
+        await self._release(ticket, outcome, ttft_ms, total_ms, usage)
+
+    async def _release(
+        self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
+    ) -> None:
+        # Shielded: a cancelled caller must still give its slot back.
+        request = admission_pb2.ReleaseRequest(
+            ticket_id=ticket, outcome=outcome, usage=usage, ttft_ms=ttft_ms, total_ms=total_ms
+        )
+        try:
+            await asyncio.shield(self._admission.Release(request, timeout=5))
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            log.warning("release of %s failed (%s); its lease will expire", ticket, exc)
+
+    async def _serve(
+        self,
+        call: ChatCall,
+        decision: common_pb2.Decision,
+        prompt: str,
+        max_tokens: int,
+        request_id: str,
+    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        r = call.request
+        if decision.HasField("degrade") and decision.degrade.max_tokens:
+            max_tokens = min(max_tokens, decision.degrade.max_tokens)
+        sampling: dict[str, Any] = {"max_tokens": max_tokens}
+        if r.HasField("temperature"):
+            sampling["temperature"] = r.temperature
+        if r.HasField("top_p"):
+            sampling["top_p"] = r.top_p
+        if r.stop:
+            sampling["stop"] = list(r.stop)
+        if r.cache_salt:
+            sampling["cache_salt"] = r.cache_salt
+        route = gateway_pb2.RouteInfo(
+            region=decision.region,
+            replica=decision.replica,
+            model=decision.model,
+            version=decision.version,
+            action=decision.action,
+            reason=decision.reason,
+            queue_ms=decision.queue_ms,
+            hops=call.hops,
+            estimate=decision.estimate,
+        )
+        start = self._clock()
+        ttft_ms = 0.0
+        outcome: Any = admission_pb2.OUTCOME_ERROR
+        usage = common_pb2.Usage()
+        pieces = self.replicas.generate(
+            decision.endpoint,
+            decision.triton_model_name,
+            decision.triton_model_version,
+            prompt,
+            sampling,
+            request_id,
+            self._remaining_s(call),
+        )
+        try:
+            first = True
+            async for piece in pieces:
+                usage.completion_tokens += piece.output_tokens
+                response = gateway_pb2.ChatResponse(delta=piece.text)
+                if first:
+                    ttft_ms = (self._clock() - start) * 1000
+                    response.route.CopyFrom(route)
+                    response.request_id = request_id
+                    first = False
+                if piece.final:
+                    usage.prompt_tokens = piece.input_tokens
+                    response.finish_reason = _FINISH.get(
+                        piece.finish_reason, gateway_pb2.FINISH_REASON_STOP
+                    )
+                    response.usage.CopyFrom(usage)
+                    route.ttft_ms = ttft_ms
+                    response.route.CopyFrom(route)
+                    outcome = admission_pb2.OUTCOME_OK
+                yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = admission_pb2.OUTCOME_CANCELLED
+            raise
+        except ReplicaError:
+            outcome = admission_pb2.OUTCOME_ERROR
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await pieces.aclose()  # type: ignore[attr-defined]
+            if outcome == admission_pb2.OUTCOME_ERROR and self._remaining_s(call) is not None:
+                remaining = self._remaining_s(call)
+                if remaining is not None and remaining <= 0:
+                    outcome = admission_pb2.OUTCOME_TIMEOUT
+            total_ms = (self._clock() - start) * 1000
+            if decision.ticket.id:
+                await self._release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
+
+    async def _overflow(
+        self, call: ChatCall, decision: common_pb2.Decision, request_id: str
+    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        if not decision.endpoint:
+            raise GatewayError(
+                grpc.StatusCode.UNAVAILABLE, f"region {decision.region} has no gateway endpoint"
+            )
+        if self._emulate_rtt and decision.estimate.network_ms:
+            # Local fleets run every region on one machine: pay the modelled round trip.
+            await asyncio.sleep(decision.estimate.network_ms / 1000)
+        remaining = self._remaining_s(call)
+        metadata = (
+            (HOPS_KEY, str(call.hops + 1)),
+            (ORIGIN_KEY, call.origin_region or self.region),
+            ("x-request-id", request_id),
+            *call.forward_metadata,
+        )
+        # The neighbour gets what is left of the end-to-end budget after the round trip.
+        forwarded = gateway_pb2.ChatRequest()
+        forwarded.CopyFrom(call.request)
+        left = decision.estimate.budget_ms - decision.estimate.network_ms
+        forwarded.budget_ms = max(1, int(left))
+        stream = self._peer(decision.endpoint).Chat(
+            forwarded, timeout=remaining, metadata=metadata
+        )
+        try:
+            async for response in stream:
+                if response.HasField("route"):
+                    # Say where it ran (the neighbour's route) and why it went there (ours).
+                    response.route.action = common_pb2.ACTION_OVERFLOW
+                    response.route.reason = decision.reason
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise as_gateway_error(exc) from None
+        finally:
+            stream.cancel()

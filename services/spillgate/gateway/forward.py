@@ -1,0 +1,167 @@
+"""Streaming a generation from a Triton replica with tritonclient.grpc.aio (vLLM contract).
+
+One `InferenceServerClient` per replica endpoint is kept open (`Replicas`), so a request
+costs one stream on an existing HTTP/2 connection. `generate` yields `Piece`s as the replica
+streams them and raises `ReplicaError`, whose `retryable` says whether the replica provably
+did no work (the connection was refused / the RPC was UNAVAILABLE before any response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import service_pb2_grpc
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One streamed response: text delta, token count delta, and the end marker."""
+
+    text: str
+    output_tokens: int
+    final: bool
+    finish_reason: str = ""  # "stop" / "length" on the final piece
+    input_tokens: int = 0  # on the final piece
+
+
+class ReplicaError(Exception):
+    """The replica failed the request; `retryable` only when it provably did no work."""
+
+    def __init__(self, message: str, retryable: bool, code: grpc.StatusCode | None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code
+
+
+def _tensor(name: str, dtype: str, value: np.ndarray[Any, Any]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
+def vllm_inputs(prompt: str, sampling: dict[str, Any]) -> list[grpcclient.InferInput]:
+    """The vLLM backend's request tensors for a streamed generation."""
+    text = np.array([prompt.encode()], dtype=np.object_)
+    params = np.array([json.dumps(sampling).encode()], dtype=np.object_)
+    true = np.array([True])
+    return [
+        _tensor("text_input", "BYTES", text),
+        _tensor("stream", "BOOL", true),
+        _tensor("sampling_parameters", "BYTES", params),
+        _tensor("exclude_input_in_output", "BOOL", true),
+        _tensor("return_finish_reason", "BOOL", true),
+        _tensor("return_num_input_tokens", "BOOL", true),
+        _tensor("return_num_output_tokens", "BOOL", true),
+    ]
+
+
+# Tensors can be large (Triton's own client lifts gRPC's 4 MiB default the same way).
+_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class Replicas:
+    """Open tritonclient aio clients, one per replica endpoint."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, aioclient.InferenceServerClient] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, endpoint: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        """A raw Triton stub on a pooled channel (the passthrough forwards messages as-is)."""
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = grpc.aio.insecure_channel(
+                endpoint, options=_UNLIMITED
+            )
+        return service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def client(self, endpoint: str) -> aioclient.InferenceServerClient:
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = self._clients[endpoint] = aioclient.InferenceServerClient(endpoint)
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+    async def generate(
+        self,
+        endpoint: str,
+        model: str,
+        model_version: str,
+        prompt: str,
+        sampling: dict[str, Any],
+        request_id: str,
+        timeout_s: float | None,
+    ) -> AsyncIterator[Piece]:
+        """Stream one generation; cancelling the consumer cancels the replica request."""
+        inputs = vllm_inputs(prompt, sampling)
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": model,
+                "model_version": model_version,
+                "inputs": inputs,
+                "request_id": request_id,
+            }
+
+        responses = self.client(endpoint).stream_infer(requests(), stream_timeout=timeout_s)
+        received = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise ReplicaError(str(error.message()), False, None)
+                received = True
+                yield _piece(result)
+                if _final(result):
+                    return
+            raise ReplicaError("replica closed the stream before the final response", False, None)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            retryable = not received and code == grpc.StatusCode.UNAVAILABLE
+            raise ReplicaError(f"{code.name}: {exc.details()}", retryable, code) from None
+        finally:
+            responses.cancel()
+
+
+def _final(result: Any) -> bool:
+    params = result.get_response().parameters
+    return "triton_final_response" in params and bool(params["triton_final_response"].bool_param)
+
+
+def _piece(result: Any) -> Piece:
+    text = result.as_numpy("text_output")
+    n_out = result.as_numpy("num_output_tokens")
+    final = _final(result)
+    reason = result.as_numpy("finish_reason") if final else None
+    n_in = result.as_numpy("num_input_tokens") if final else None
+    return Piece(
+        text=text[0].decode() if text is not None and len(text) else "",
+        output_tokens=int(n_out[0]) if n_out is not None and len(n_out) else 0,
+        final=final,
+        finish_reason=reason[0].decode() if reason is not None and len(reason) else "",
+        input_tokens=int(n_in[0]) if n_in is not None and len(n_in) else 0,
+    )
+
+
+async def close_quietly(it: AsyncIterator[Piece]) -> None:
+    """Close a generation early (client went away): cancels the replica's stream."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await aclose()
