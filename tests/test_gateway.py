@@ -191,12 +191,14 @@ async def test_bad_requests_get_clear_statuses(
 async def test_list_models_and_health(fleet: Fleet) -> None:
     async with grpc.aio.insecure_channel(fleet.gateway("us")) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-        listed = await stub.ListModels(gateway_pb2.ListModelsRequest())
+        listed = await stub.ListModels(gateway_pb2.ListModelsRequest(region="*"))
         names = {m.model: m for m in listed.models}
         assert names["chat"].alias and names["llm-small"].versions == ["v1"]
         assert sorted(names["llm-small"].regions) == ["eu", "us"]
         eu_only = await stub.ListModels(gateway_pb2.ListModelsRequest(region="eu"))
         assert {m.model for m in eu_only.models} == {"chat", "llm-small"}
+        here = await stub.ListModels(gateway_pb2.ListModelsRequest())  # this gateway's: us
+        assert {m.model for m in here.models} == {"chat", "llm-small"}
         nowhere = await stub.ListModels(gateway_pb2.ListModelsRequest(region="mars"))
         assert list(nowhere.models) == []
         health = await stub.Health(gateway_pb2.HealthRequest())

@@ -315,7 +315,7 @@ def test_unknown_model_and_path_are_404(http: httpx.Client) -> None:
 
 
 def test_models_filter_by_region_header(http: httpx.Client) -> None:
-    everywhere = http.get("/v1/models").json()
+    everywhere = http.get("/v1/models", headers={"x-spillgate-region": "*"}).json()
     assert everywhere["object"] == "list"
     by_id = {m["id"]: m for m in everywhere["data"]}
     assert by_id["chat"]["alias"] is True and by_id["llm-small"]["versions"] == ["v1"]
@@ -324,6 +324,8 @@ def test_models_filter_by_region_header(http: httpx.Client) -> None:
     )
     us = http.get("/v1/models", headers={"x-spillgate-region": "us"}).json()["data"]
     assert {m["id"] for m in us} == {"chat", "llm-small"}
+    here = http.get("/v1/models").json()["data"]  # default: this gateway's region (us)
+    assert here == us
     assert http.get("/v1/models", headers={"x-spillgate-region": "eu"}).json()["data"] == []
 
 

@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/chat/completions` (`stream` true -> SSE chunks ending with `data: [DONE]`,
 false -> one JSON object with `usage`), `GET /v1/models[/{model}]` (the `x-spillgate-region`
-header or `?region=` filters), `GET /health` (no auth; 503 when not serving). Errors use
+header or `?region=` names the region, default this gateway's, `*` = all), `GET /health`
+(no auth; 503 when not serving). Errors use
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with the status from
 gateway/errors.py; 429 carries `Retry-After` (whole seconds, rounded up) and `retry-after-ms`.
 
@@ -27,7 +28,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -43,7 +44,7 @@ from spillgate._proto import gateway_pb2
 from spillgate.core.decision import Priority
 from spillgate.gateway.chat import ChatCall, Gateway
 from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid
-from spillgate.gateway.service import Authenticate, Context, GatewayServicer, route_metadata
+from spillgate.gateway.service import Authenticate, GatewayServicer, route_metadata
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -567,8 +568,9 @@ class HttpServer:
         try:
             headers = self._headers(request)
             self._authenticate(headers, "models")
+            # As gRPC ListModels: this gateway's region by default, "*" for all regions.
             region = headers.get("x-spillgate-region") or request.query_params.get("region", "")
-            listings = self._gateway.catalog.listings("" if region == "*" else region)
+            listings = self._gateway.catalog.listings(region or self._gateway.region)
             return JSONResponse({"object": "list", "data": [_model(m) for m in listings]})
         except Exception as exc:
             return error_response(as_gateway_error(exc))
@@ -586,7 +588,7 @@ class HttpServer:
 
     async def _health(self, request: Request) -> Response:
         # The servicer's Health reads no request context; one answer for gRPC and HTTP.
-        health = await self._servicer.Health(gateway_pb2.HealthRequest(), cast(Context, None))
+        health = self._servicer.health()
         body = {
             "region": health.region,
             "serving": health.serving,

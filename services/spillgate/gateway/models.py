@@ -52,8 +52,9 @@ class ModelCatalog:
         output = [m.max_output_tokens for m in models if m.max_output_tokens]
         return Limits(min(context, default=0), min(output, default=4096))
 
-    def listings(self, region: str = "") -> list[gateway_pb2.ModelListing]:
-        """Models and aliases, with versions and the regions serving them; `region` filters."""
+    def listings(self, region: str = "*") -> list[gateway_pb2.ModelListing]:
+        """Models and aliases with their versions and the regions serving them: those served
+        in `region`, or all of them for "*" (gateway.proto ListModelsRequest)."""
         serving: dict[str, set[str]] = {}
         versions: dict[str, list[str]] = {}
         for (kind, _), e in sorted(self.state.items()):
@@ -91,7 +92,7 @@ class ModelCatalog:
                 )
             else:
                 continue
-            if not region or region in listing.regions:
+            if region == "*" or region in listing.regions:
                 out.append(listing)
         return out
 

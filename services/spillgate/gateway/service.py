@@ -125,7 +125,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self._authenticate(_metadata(context), "models")
             _, revision, _ = self._registry_status()
             return gateway_pb2.ListModelsResponse(
-                models=self.gateway.catalog.listings(request.region), registry_revision=revision
+                models=self.gateway.catalog.listings(request.region or self.gateway.region),
+                registry_revision=revision,
             )
         except Exception as exc:
             await self._abort(context, exc)
@@ -135,6 +136,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.HealthRequest, context: Context
     ) -> gateway_pb2.HealthResponse:
         """What this gateway can reach right now (no auth: for load balancers and probes)."""
+        return self.health()
+
+    def health(self) -> gateway_pb2.HealthResponse:
+        """The Health answer (shared by gRPC and HTTP `/health`)."""
         reachable, revision, age_ms = self._registry_status()
         ready = len(self.gateway.catalog.ready_replicas(self.gateway.region))
         admission = self.gateway.admission_ok is not False
