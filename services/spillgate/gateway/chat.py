@@ -360,9 +360,7 @@ class Gateway:
         forwarded.CopyFrom(call.request)
         left = decision.estimate.budget_ms - decision.estimate.network_ms
         forwarded.budget_ms = max(1, int(left))
-        stream = self._peer(decision.endpoint).Chat(
-            forwarded, timeout=remaining, metadata=metadata
-        )
+        stream = self._peer(decision.endpoint).Chat(forwarded, timeout=remaining, metadata=metadata)
         try:
             async for response in stream:
                 if response.HasField("route"):
