@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-# The main job. For now: one Triton-protocol replica simulator with the demo models.
-# (`spillgate up`, the local multi-region fleet, replaces it when it lands.)
+# The main job: the local multi-region fleet (registry, 4/2/1 simulator replicas in us/eu/apac,
+# admissions, gateways) until Ctrl-C. ARGS="-f fleet.toml" runs another spec.
 up: venv
-	$(BIN)/spillgate replica $(ARGS)
+	$(BIN)/spillgate up $(ARGS)
 
-replica: up
+# One Triton-protocol replica simulator with the demo models.
+replica: venv
+	$(BIN)/spillgate replica $(ARGS)
 
 # The whole test suite: lint, types, protobuf contract, generated code, tests.
 test: venv lint typecheck buf-lint protos-check pytest

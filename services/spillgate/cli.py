@@ -76,6 +76,16 @@ def _registry(args: argparse.Namespace) -> int:
     return registry_main(args.rest)
 
 
+# Handled by spillgate.fleet.cli (listed in the parser for --help).
+FLEET_COMMANDS = {
+    "up": "run the local multi-region fleet (registry, replicas, admissions, gateways)",
+    "down": "stop the fleet that `up --detach` started",
+    "endpoints": "the running fleet's endpoints (--json for scripts)",
+    "status": "regions, replicas, load, queues, KV use, overflow (--watch to refresh)",
+    "chat": 'ask the fleet: `spillgate chat "Hello" --region apac`',
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spillgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("rest", nargs=argparse.REMAINDER)
     gw.set_defaults(func=lambda _: (print("usage: spillgate gateway serve --help"), 2)[1])
+    for name, text in FLEET_COMMANDS.items():
+        fleet = sub.add_parser(name, help=text, add_help=False)
+        fleet.add_argument("rest", nargs=argparse.REMAINDER, help=f"`spillgate {name} --help`")
     return p
 
 
@@ -144,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         from spillgate.gateway.keys_cli import main as keys_main
 
         return keys_main(argv[1:])
+    if argv[:1] and argv[0] in FLEET_COMMANDS:
+        # The local fleet: up, down, endpoints, status, chat (spillgate.fleet.cli).
+        from spillgate.fleet.cli import main as fleet_main
+
+        return fleet_main(argv)
     if argv[:2] == ["gateway", "serve"]:
         from spillgate.gateway.app import main as gateway_main
 
