@@ -294,3 +294,21 @@ def test_residency_keeps_an_eu_request_out_of_us(world: World) -> None:
     hop = stub.Admit(admission_pb2.AdmitRequest(context=ctx(residency_zone="eu", hops=1))).decision
     assert hop.action == SHED and hop.reason == "residency"
     assert hop.retry_after_ms > 0
+
+
+def test_region_summary_counts_shed_requests(world: World) -> None:
+    stub = world.stub(world.eu)
+    admit_serving(stub)
+
+    def shed_total() -> int:
+        stream = stub.WatchRegion(admission_pb2.WatchRegionRequest(interval_ms=50))
+        try:
+            total: int = next(stream).summary.shed_total
+        finally:
+            stream.cancel()
+        return total
+
+    before = shed_total()
+    d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(residency_zone="us", hops=1))).decision
+    assert d.action == SHED and d.reason == "residency"
+    assert shed_total() == before + 1

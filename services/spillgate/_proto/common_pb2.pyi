@@ -666,6 +666,7 @@ class RegionSummary(_message.Message):
     OVERFLOW_IN_TOTAL_FIELD_NUMBER: _builtins.int
     OVERFLOW_OUT_TOTAL_FIELD_NUMBER: _builtins.int
     REGISTRY_REVISION_FIELD_NUMBER: _builtins.int
+    SHED_TOTAL_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     """Region id."""
     sequence: _builtins.int
@@ -684,6 +685,8 @@ class RegionSummary(_message.Message):
     """Requests sent to other regions since the instance started (counter)."""
     registry_revision: _builtins.int
     """Registry revision the publishing instance's view is based on."""
+    shed_total: _builtins.int
+    """Requests this instance answered with ACTION_SHED since it started (counter)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the summary was computed."""
@@ -708,10 +711,11 @@ class RegionSummary(_message.Message):
         overflow_in_total: _builtins.int = ...,
         overflow_out_total: _builtins.int = ...,
         registry_revision: _builtins.int = ...,
+        shed_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy_replicas", b"healthy_replicas", "instance", b"instance", "models", b"models", "overflow_in_total", b"overflow_in_total", "overflow_out_total", b"overflow_out_total", "queue_depth", b"queue_depth", "region", b"region", "registry_revision", b"registry_revision", "residency_zone", b"residency_zone", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy_replicas", b"healthy_replicas", "instance", b"instance", "models", b"models", "overflow_in_total", b"overflow_in_total", "overflow_out_total", b"overflow_out_total", "queue_depth", b"queue_depth", "region", b"region", "registry_revision", b"registry_revision", "residency_zone", b"residency_zone", "sequence", b"sequence", "shed_total", b"shed_total", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

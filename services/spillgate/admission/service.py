@@ -81,6 +81,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.decisions: dict[str, int] = {}  # "ACTION:reason" -> count, for status/metrics
+        self.shed_total = 0
 
     async def start(self) -> None:
         self._tasks = [
@@ -120,6 +121,8 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
     def _count(self, decision: Decision) -> None:
         key = f"{decision.action.name}:{decision.reason}"
         self.decisions[key] = self.decisions.get(key, 0) + 1
+        if decision.action is Action.SHED:
+            self.shed_total += 1
 
     # -- Admit ------------------------------------------------------------------------------
 
@@ -241,6 +244,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         while True:
             clocks = self.clocks()
             summary = summary_to_proto(self.policy.summary(clocks.mono), clocks, models)
+            summary.shed_total = self.shed_total
             yield admission_pb2.WatchRegionResponse(summary=summary)
             await asyncio.sleep(interval)
 

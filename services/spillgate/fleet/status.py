@@ -110,7 +110,7 @@ def render(endpoints: Mapping[str, Any]) -> str:
                 str(s.queue_depth),
                 str(s.overflow_in_total),
                 str(s.overflow_out_total),
-                "-",
+                str(s.shed_total),
                 headroom or "-",
             ]
         )
