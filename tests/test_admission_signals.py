@@ -276,6 +276,11 @@ def test_idle_simulator_reads_as_known_zero_load(replica: ReplicaProcess) -> Non
     llm = load(s, "llm-small")
     assert (llm.running, llm.waiting, llm.pending) == (0, 0, 0)
     assert llm.kv_usage == 0.0  # exported and zero: known idle, not None
+    assert llm.max_running == 64  # the simulator publishes its decode slots (default.toml)
+    assert (
+        load(parse_metrics(metrics_text(replica), "triton-vllm", 0.0), "llm-small").max_running
+        is None
+    )
     simple = load(s, "simple")  # no engine behind it: LLM gauges unknown, Triton queue known
     assert simple.running is None and simple.kv_usage is None and simple.pending == 0
 

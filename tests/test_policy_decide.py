@@ -437,3 +437,19 @@ def test_learned_slowness_fades_while_a_replica_is_idle() -> None:
         lane.observe(idle, float(t))
     assert lane.service_ms == pytest.approx(prior, rel=0.05)
     assert lane.rate == pytest.approx(lane.slots / lane.service_ms)
+
+
+def test_lane_adopts_the_capacity_the_replica_reports() -> None:
+    """Scraped max running sequences replace the prior slot count (and the service rate)."""
+    from spillgate.core.fleet import ReplicaInfo, ReplicaStatus, VersionInfo
+    from spillgate.core.lanes import Lane
+    from spillgate.core.signals import ModelLoad
+
+    config = PolicyConfig()
+    replica = ReplicaInfo("r", "us", "h:1", ReplicaStatus.READY, (("m", "v1"),))
+    lane = Lane(0, replica, VersionInfo("m", "v1", "m"), config)
+    assert lane.slots == config.prior.max_num_seqs
+    lane.observe(ModelLoad(running=2, waiting=3, max_running=2), 1.0)
+    assert lane.slots == 2 and lane.rate == pytest.approx(2 / lane.service_ms)
+    assert max(lane.usable) == 2
+    assert lane.queue_ms(int(Priority.NORMAL)) > 0  # 5 in system, 2 slots: a new one waits

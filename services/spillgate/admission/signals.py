@@ -91,8 +91,13 @@ MAPPINGS: Mapping[str, tuple[MetricMap, ...]] = MappingProxyType(
         "triton": (*_TRITON_CORE, MetricMap("nv_inference_pending_request_count", "waiting")),
         "triton-vllm": (*_TRITON_CORE, *_VLLM),
         "triton-trtllm": (*_TRITON_CORE, *_TRTLLM),
-        # The replica simulator exports what a Triton server with the vLLM backend does.
-        "simulator": (*_TRITON_CORE, *_VLLM),
+        # The replica simulator exports what a Triton server with the vLLM backend does,
+        # plus its decode slots (vLLM exports no max_num_seqs gauge).
+        "simulator": (
+            *_TRITON_CORE,
+            *_VLLM,
+            MetricMap("spillgate:max_num_seqs", "max_running"),
+        ),
     }
 )
 

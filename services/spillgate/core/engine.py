@@ -218,6 +218,11 @@ class Engine:
             heapq.heappop(self._heap)
         return self._heap[0][0] if self._heap else None
 
+    @property
+    def config(self) -> EngineConfig:
+        """The engine's capacity and latency model."""
+        return self._cfg
+
     def stats(self) -> EngineStats:
         """Snapshot of occupancy and cumulative counters."""
         total = self._cfg.num_kv_blocks

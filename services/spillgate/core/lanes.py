@@ -34,6 +34,7 @@ class Lane:
         "_itl_base0",
         "_itl_per_seq0",
         "_prefill0",
+        "_reserve",
         "_service0",
         "breaker",
         "delta",
@@ -76,12 +77,8 @@ class Lane:
         self.kv_blocks = max(
             1, int(kv * config.prefix_index_fraction) // config.prefix_index_stride
         )
-        # Slots a priority may fill before it must wait: the reserve keeps the last ones for
-        # more important traffic (index = Priority value; 0 unused).
-        usable = [self.slots] * (len(Priority) + 1)
-        for prio, frac in config.priority_reserve.items():
-            usable[prio] = max(1, math.floor(self.slots * (1.0 - frac)))
-        self.usable = tuple(usable)
+        self._reserve = tuple(config.priority_reserve.items())
+        self.usable = self._usable()
         self.scraped = 0
         self.signal_time = -math.inf
         self.delta = 0
@@ -101,12 +98,29 @@ class Lane:
         self.prefill_per_token = self._prefill0
         self.itl_base, self.itl_per_seq = self._itl_base0, self._itl_per_seq0
 
+    def _usable(self) -> tuple[int, ...]:
+        # Slots a priority may fill before it must wait: the reserve keeps the last ones for
+        # more important traffic (index = Priority value; 0 unused).
+        usable = [self.slots] * (len(Priority) + 1)
+        for prio, frac in self._reserve:
+            usable[prio] = max(1, math.floor(self.slots * (1.0 - frac)))
+        return tuple(usable)
+
+    def set_slots(self, slots: int) -> None:
+        """Adopt the capacity the replica reports (its max running sequences)."""
+        if slots > 0 and slots != self.slots:
+            self.slots = slots
+            self.usable = self._usable()
+            self.rate = self.slots / self.service_ms
+
     def observe(self, load: ModelLoad | None, now: float) -> None:
         """Apply one scrape; unknown running/waiting marks the lane saturated (stale)."""
         in_system = None if load is None else load.in_system
         if in_system is None:
             self.signal_time = -math.inf
             return
+        if load is not None and load.max_running:
+            self.set_slots(load.max_running)
         if in_system == 0 and self.inflight == 0 and self._decay_s > 0:
             self._forget(now - self.signal_time)
         self.scraped, self.signal_time, self.delta = in_system, now, 0
@@ -188,6 +202,7 @@ class Lane:
         self.inflight, self.service_ms, self.rate = old.inflight, old.service_ms, old.rate
         self.prefill_per_token, self.itl_base = old.prefill_per_token, old.itl_base
         self.itl_per_seq = old.itl_per_seq
+        self.set_slots(old.slots)  # capacity the replica reported
         self._reload()
 
 

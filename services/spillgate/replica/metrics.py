@@ -33,6 +33,9 @@ _VLLM = (
     ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage", "gauge"),
     ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of tokens", "counter"),
     ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of tokens", "counter"),
+    # Not a vLLM metric: the simulator publishes its decode slots (vLLM's max_num_seqs) so
+    # admission knows its capacity without configuration (`simulator` mapping only).
+    ("spillgate:max_num_seqs", "Decode slots of the simulated engine (max_num_seqs)", "gauge"),
 )
 
 
@@ -71,6 +74,7 @@ class RepositoryCollector(Collector):
                 add("vllm:kv_cache_usage_perc", labels, e.kv_usage)
                 add("vllm:prefix_cache_queries", labels, e.prefix_queries_tokens)
                 add("vllm:prefix_cache_hits", labels, e.prefix_hits_tokens)
+                add("spillgate:max_num_seqs", labels, model.runner.engine.config.max_num_seqs)
             add("nv_inference_pending_request_count", labels, pending)
         yield from families.values()
 
