@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission clean
+.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission bench-gateway clean
 
 venv: $(STAMP)
 
@@ -55,7 +55,7 @@ pytest: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # All benchmarks; ARGS goes to the one run by its own target.
-bench: bench-replica bench-registry bench-policy bench-admission
+bench: bench-replica bench-registry bench-policy bench-admission bench-gateway
 
 bench-replica: venv
 	$(BIN)/python bench/replica_capacity.py $(ARGS)
@@ -72,6 +72,11 @@ bench-policy: venv
 # replicas, static signals) next to a bare grpc.aio echo server, same client (~30 s).
 bench-admission: venv
 	$(BIN)/python bench/admission_rpc.py $(ARGS)
+
+# Streamed chat through the gateway (gRPC Chat, HTTP SSE, Triton passthrough) next to the
+# same request straight to the replica, alternating rounds, concurrency 1 and 16 (~2-4 min).
+bench-gateway: venv
+	$(BIN)/python bench/gateway_overhead.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

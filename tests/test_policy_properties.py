@@ -71,7 +71,8 @@ def simulate(seed: int, steps: int = 250, dry_runs: bool = False) -> Trace:
                 region, now, rnd.choice([0, 3, 20]), rnd.choice([0.0, 0.15, 0.5]),
                 rnd.choice([0.0, 300.0]), sequence=n + 1,
             )  # fmt: skip
-            cap = CFG.overflow_fraction * summary.capacity_slots()
+            slots = summary.capacity_slots()
+            cap = max(1.0, CFG.overflow_fraction * slots) if slots > 0 else 0.0
             trace.max_bucket[region] = max(trace.max_bucket.get(region, 0.0), cap)
             policy.observe_neighbour(summary, now)
         elif op < 0.35:

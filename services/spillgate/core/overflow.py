@@ -131,4 +131,7 @@ class NeighbourState:
         capacity = summary.capacity_slots()
         if capacity > 0:
             self._known_capacity = capacity  # a saturated summary keeps the last known size
-        self.bucket.set_capacity(config.overflow_fraction * self._known_capacity, now)
+        # At least one request per refill window: a fraction of a small neighbour (a few
+        # slots) would otherwise round down to never.
+        size = config.overflow_fraction * self._known_capacity
+        self.bucket.set_capacity(max(1.0, size) if self._known_capacity > 0 else 0.0, now)

@@ -48,19 +48,29 @@ def _tensor(name: str, dtype: str, value: np.ndarray[Any, Any]) -> grpcclient.In
     return tensor
 
 
+# The flags every request sets: built once (~10 us each with numpy); the client only reads
+# an InferInput when it serializes the request, so requests can share them.
+_STREAM = _tensor("stream", "BOOL", np.array([True]))
+_FLAGS = tuple(
+    _tensor(name, "BOOL", np.array([True]))
+    for name in (
+        "exclude_input_in_output",
+        "return_finish_reason",
+        "return_num_input_tokens",
+        "return_num_output_tokens",
+    )
+)
+
+
 def vllm_inputs(prompt: str, sampling: dict[str, Any]) -> list[grpcclient.InferInput]:
     """The vLLM backend's request tensors for a streamed generation."""
     text = np.array([prompt.encode()], dtype=np.object_)
     params = np.array([json.dumps(sampling).encode()], dtype=np.object_)
-    true = np.array([True])
     return [
         _tensor("text_input", "BYTES", text),
-        _tensor("stream", "BOOL", true),
+        _STREAM,
         _tensor("sampling_parameters", "BYTES", params),
-        _tensor("exclude_input_in_output", "BOOL", true),
-        _tensor("return_finish_reason", "BOOL", true),
-        _tensor("return_num_input_tokens", "BOOL", true),
-        _tensor("return_num_output_tokens", "BOOL", true),
+        *_FLAGS,
     ]
 
 

@@ -1,0 +1,596 @@
+"""Gateway overhead: the same generation through the gateway and straight to the replica,
+side by side in one run.
+
+Fleet (real processes on loopback, free ports): a registry, --replicas replica simulators
+with a fast LLM (`llm-bench`: 1 ms TTFT/ITL in model time at --speed 1000, 256 decode slots,
+so the engine model never limits), an admission for region `us` (real scraping and health
+checks) and that region's gateway (gRPC + HTTP). Four arms send the same prompt and
+max_tokens, so the replica does the same work for each:
+
+  direct   tritonclient.grpc.aio ModelStreamInfer to a replica (vLLM contract, streamed)
+  grpc     GatewayService.Chat on the gateway (model alias `chat`)
+  http     POST /v1/chat/completions stream=true (SSE) over a keep-alive httpx.AsyncClient
+  triton   tritonclient.grpc.aio ModelStreamInfer to the gateway's passthrough, model `chat`
+
+Every arm measures time to first token (first non-empty text) and to the last token (the
+final response), runs at each --concurrency, and the arms alternate in --rounds rounds (the
+order rotating) so drift hits all of them alike. CPU time of the gateway and the admission
+processes is sampled per arm. "added" = arm - direct, for p50 and p99 of the total.
+
+    .venv/bin/python bench/gateway_overhead.py [--requests 1000] [--concurrency 1,16]
+        [--json PATH] [--profile-gateway PATH]
+
+Goal (issue): added p50 <= 1.5 ms. Progress goes to stderr, the Markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
+
+import grpc
+import httpx
+import tritonclient.grpc.aio as triton
+from _common import log, machine
+
+from spillgate._proto import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from spillgate.gateway.chat import render_prompt
+from spillgate.gateway.forward import vllm_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+LLM = "llm-bench"
+ALIAS = "chat"
+PROMPT = "Where should this request run, given the budget and the queues of every region?"
+DIGEST = "sha256:" + "ab" * 32
+ARMS = ("direct", "grpc", "http", "triton")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+# As bench/replica_capacity.py: at --speed 1000 a 16-token stream is ~0.02 ms of model time.
+CONFIG_TOML = """\
+# bench/gateway_overhead.py: the engine model must never be the limit.
+seed = 0
+load = ["{llm}"]
+
+[llm.{llm}]
+max_num_seqs = 256
+max_waiting = 4096
+num_kv_blocks = 65536
+block_size = 16
+ttft_overhead_ms = 1.0
+prefill_ms_per_token = 0.0
+itl_base_ms = 1.0
+itl_per_seq_ms = 0.0
+jitter = 0.0
+max_model_tokens = 8192
+"""
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[str]
+    ready: tuple[str, ...]
+    lines: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def service(
+    args: list[str], ready: str, profile: Path | None = None, timeout: float = 30.0
+) -> Iterator[Service]:
+    """Run `python [-m cProfile -o PROFILE] args...` until its ready line; SIGTERM it after
+    (graceful, so a profile gets written), SIGKILL after 15 s."""
+    cmd = [sys.executable]
+    if profile is not None:
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    cmd += args
+    log(f"starting {shlex.join(args[:2])}")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    svc = Service(proc, ())
+    found = threading.Event()
+
+    def pump() -> None:  # keeps draining, so the process never blocks on a full pipe
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            svc.lines.append(line)
+            del svc.lines[:-200]
+            m = re.search(ready, line)
+            if m and not svc.ready:
+                svc.ready = m.groups()
+                found.set()
+        found.set()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        if not found.wait(timeout) or not svc.ready:
+            raise RuntimeError(f"{args[:2]} did not become ready:\n" + "".join(svc.lines[-30:]))
+        yield svc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        thread.join(timeout=5)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used (busy = not idle, not iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / _TICK
+
+
+def entities(admission: str, gateway: str, replicas: list[Service]) -> list[registry_pb2.Entity]:
+    loaded = [common_pb2.VersionRef(model=LLM, version="v1")]
+    out = [
+        registry_pb2.Entity(
+            region=registry_pb2.Region(
+                id="us", residency_zone="us", admission_endpoint=admission,
+                gateway_endpoint=gateway,
+            )
+        ),
+        registry_pb2.Entity(
+            model=registry_pb2.Model(
+                id=LLM, kind=common_pb2.MODEL_KIND_LLM, max_context_tokens=4096,
+                max_output_tokens=512,
+            )
+        ),
+        registry_pb2.Entity(
+            version=registry_pb2.Version(
+                model=LLM, version="v1", artifact_digest=DIGEST, triton_model_name=LLM
+            )
+        ),
+        registry_pb2.Entity(
+            alias=registry_pb2.Alias(
+                name=ALIAS,
+                default_targets=registry_pb2.AliasTargets(
+                    targets=[registry_pb2.AliasTarget(model=LLM, version="v1", weight=100)]
+                ),
+            )
+        ),
+    ]  # fmt: skip
+    for i, r in enumerate(replicas):
+        out.append(
+            registry_pb2.Entity(
+                replica=registry_pb2.Replica(
+                    id=f"us-{i}", region="us", pool="default", endpoint=r.ready[0],
+                    metrics_endpoint=f"http://{r.ready[1]}/metrics",
+                    backend=common_pb2.BACKEND_KIND_SIMULATOR, loaded=loaded,
+                    state=common_pb2.REPLICA_STATE_READY,
+                )
+            )
+        )  # fmt: skip
+    return out
+
+
+# -- the arms: one request each, (ttft_s, total_s, text pieces) ------------------------------
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    pieces: int
+
+
+class Arms:
+    """Open clients for every arm; `one(arm)` sends one request and times it."""
+
+    def __init__(self, replica: str, gateway: str, http: str, max_tokens: int, timeout: float):
+        self.timeout = timeout
+        self.direct = triton.InferenceServerClient(replica)
+        self.passthrough = triton.InferenceServerClient(gateway)
+        self.channel = grpc.aio.insecure_channel(gateway)
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.http = httpx.AsyncClient(
+            base_url=f"http://{http}",
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+        )
+        messages = [gateway_pb2.ChatMessage(role="user", content=PROMPT)]
+        # The gateway renders the chat into exactly this prompt and asks for these sampling
+        # parameters: the direct and passthrough arms send what the gateway would.
+        self.inputs = vllm_inputs(render_prompt(messages), {"max_tokens": max_tokens})
+        self.chat = gateway_pb2.ChatRequest(model=ALIAS, messages=messages, max_tokens=max_tokens)
+        self.body = {
+            "model": ALIAS,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.channel.close()
+        await self.direct.close()
+        await self.passthrough.close()
+
+    def one(self, arm: str) -> Awaitable[Sample]:
+        if arm == "direct":
+            return self._triton(self.direct, LLM)
+        if arm == "triton":
+            return self._triton(self.passthrough, ALIAS)
+        if arm == "grpc":
+            return self._grpc()
+        return self._http()
+
+    async def _triton(self, client: triton.InferenceServerClient, model: str) -> Sample:
+        inputs = self.inputs
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": model, "inputs": inputs}
+
+        t0 = time.perf_counter()
+        ttft = 0.0
+        pieces = 0
+        it = client.stream_infer(requests(), stream_timeout=self.timeout)
+        try:
+            async for result, error in it:
+                now = time.perf_counter()
+                if error is not None:
+                    raise RuntimeError(str(error))
+                text = result.as_numpy("text_output")
+                if text is not None and len(text) and text[0]:
+                    pieces += 1
+                    ttft = ttft or now - t0
+                params = result.get_response().parameters
+                if params["triton_final_response"].bool_param:
+                    return Sample(ttft, now - t0, pieces)
+        finally:
+            it.cancel()
+        raise RuntimeError("stream ended before the final response")
+
+    async def _grpc(self) -> Sample:
+        t0 = time.perf_counter()
+        ttft = total = 0.0
+        pieces = 0
+        async for response in self.stub.Chat(self.chat, timeout=self.timeout):
+            now = time.perf_counter()
+            if response.delta:
+                pieces += 1
+                ttft = ttft or now - t0
+            if response.finish_reason:
+                total = now - t0
+        if not total:
+            raise RuntimeError("Chat ended without a finish reason")
+        return Sample(ttft, total, pieces)
+
+    async def _http(self) -> Sample:
+        t0 = time.perf_counter()
+        ttft = total = 0.0
+        pieces = 0
+        async with self.http.stream("POST", "/v1/chat/completions", json=self.body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                if line == "data: [DONE]":
+                    break
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    pieces += 1
+                    ttft = ttft or now - t0
+                if choices and choices[0]["finish_reason"]:
+                    total = now - t0
+        if not total:
+            raise RuntimeError("SSE ended without a finish reason")
+        return Sample(ttft, total, pieces)
+
+
+# -- measurement ------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmResult:
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+    gateway_cpu_s: float = 0.0
+    admission_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0  # processes outside this benchmark: the machine was not quiet
+    errors: int = 0
+    first_error: str = ""
+
+
+async def batch(arms: Arms, arm: str, n: int, concurrency: int, out: ArmResult) -> None:
+    """`n` requests on `arm` with `concurrency` workers; appends to `out`."""
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            try:
+                out.samples.append(await arms.one(arm))
+            except Exception as exc:  # count it, keep going; a dead fleet shows as errors
+                out.errors += 1
+                out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"[:200]
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def measure(
+    arms: Arms, concurrency: int, requests: int, rounds: int, pids: dict[str, int]
+) -> dict[str, ArmResult]:
+    results = {arm: ArmResult() for arm in ARMS}
+    warm = ArmResult()
+    for arm in ARMS:  # warm every path (channels, connections, caches): untimed
+        await batch(arms, arm, max(20, 2 * concurrency), concurrency, warm)
+    if warm.errors:
+        raise RuntimeError(f"warmup failed ({warm.errors} errors): {warm.first_error}")
+    per_round = max(1, requests // rounds)
+    for r in range(rounds):
+        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
+        for arm in order:
+            res = results[arm]
+            c0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            m0, t0 = machine_busy_seconds(), time.perf_counter()
+            await batch(arms, arm, per_round, concurrency, res)
+            res.wall_s += time.perf_counter() - t0
+            c1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            res.gateway_cpu_s += c1["gateway"] - c0["gateway"]
+            res.admission_cpu_s += c1["admission"] - c0["admission"]
+            ours = sum(c1.values()) - sum(c0.values())
+            res.other_cpu_s += max(0.0, machine_busy_seconds() - m0 - ours)
+        log(f"  c={concurrency} round {r + 1}/{rounds} done")
+    return results
+
+
+def pct(values: list[float], p: float) -> float:
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, int(p / 100.0 * len(xs)))] if xs else float("nan")
+
+
+def summarize(res: ArmResult) -> dict[str, Any]:
+    ttft = [s.ttft_s * 1000 for s in res.samples]
+    total = [s.total_s * 1000 for s in res.samples]
+    n = len(res.samples)
+    return {
+        "requests": n,
+        "errors": res.errors,
+        "first_error": res.first_error,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "total_p50_ms": pct(total, 50),
+        "total_p99_ms": pct(total, 99),
+        "total_mean_ms": statistics.fmean(total) if total else float("nan"),
+        "per_s": n / res.wall_s if res.wall_s else 0.0,
+        "pieces": sorted({s.pieces for s in res.samples}),
+        "gateway_cpu_us_per_req": 1e6 * res.gateway_cpu_s / n if n else float("nan"),
+        "admission_cpu_us_per_req": 1e6 * res.admission_cpu_s / n if n else float("nan"),
+        "other_processes_cores": res.other_cpu_s / res.wall_s if res.wall_s else 0.0,
+    }
+
+
+def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
+    d = s["direct"]
+    out = [
+        f"concurrency {concurrency}:",
+        "",
+        "| arm | TTFT p50 / p99 (ms) | total p50 / p99 (ms) | added p50 / p99 (ms) | req/s "
+        "| gateway CPU/req | admission CPU/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm in ARMS:
+        a = s[arm]
+        added = (
+            "-"
+            if arm == "direct"
+            else f"{a['total_p50_ms'] - d['total_p50_ms']:+.2f} / "
+            f"{a['total_p99_ms'] - d['total_p99_ms']:+.2f}"
+        )
+        cpu = "-" if arm == "direct" else f"{a['gateway_cpu_us_per_req']:,.0f} µs"
+        adm = "-" if arm == "direct" else f"{a['admission_cpu_us_per_req']:,.0f} µs"
+        out.append(
+            f"| {arm} | {a['ttft_p50_ms']:.2f} / {a['ttft_p99_ms']:.2f} "
+            f"| {a['total_p50_ms']:.2f} / {a['total_p99_ms']:.2f} | {added} "
+            f"| {a['per_s']:,.0f} | {cpu} | {adm} | {a['errors']} |"
+        )
+    other = max(a["other_processes_cores"] for a in s.values())
+    out += ["", f"CPU cores used by processes outside the benchmark (max over arms): {other:.2f}"]
+    return "\n".join(out)
+
+
+async def wait_chat(arms: Arms, timeout: float) -> None:
+    """Poll until a Chat through the gateway succeeds (registry applied, admission scraped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await arms.one("grpc")
+            return
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway never served a chat: {exc}") from None
+        await asyncio.sleep(0.1)
+
+
+async def run(args: argparse.Namespace, addr: dict[str, str], pids: dict[str, int]) -> Any:
+    arms = Arms(addr["replica"], addr["gateway"], addr["http"], args.max_tokens, args.timeout)
+    try:
+        await wait_chat(arms, 30)
+        out = {}
+        for c in args.concurrency:
+            log(f"measuring {args.requests} requests per arm at concurrency {c}")
+            results = await measure(arms, c, args.requests, args.rounds, pids)
+            out[c] = {arm: summarize(r) for arm, r in results.items()}
+        return out
+    finally:
+        await arms.close()
+
+
+def command_line() -> str:
+    return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gateway_overhead.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=1000, help="timed requests per arm (1000)")
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds (10)")
+    p.add_argument("--concurrency", default="1,16", help="comma-separated concurrencies")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (16)")
+    p.add_argument("--replicas", type=int, default=1, help="replica simulators (1)")
+    p.add_argument("--speed", type=float, default=1000.0, help="replica model-time speed")
+    p.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--profile-gateway", type=Path, help="run the gateway under cProfile")
+    args = p.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    if args.requests < 1 or not 1 <= args.rounds <= args.requests or args.replicas < 1:
+        p.error("need --requests >= --rounds >= 1 and --replicas >= 1")
+    if min(args.concurrency) < 1 or max(args.concurrency) > 256 or args.max_tokens < 1:
+        p.error("need 1 <= concurrency <= 256 and --max-tokens >= 1")
+    return args
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    info = machine()
+    cmd = command_line()
+    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    budget = 60 + len(args.concurrency) * (4 * args.requests * args.timeout / 100 + 60)
+    with (
+        tempfile.TemporaryDirectory(prefix="spillgate-bench-") as tmp,
+        contextlib.ExitStack() as st,
+    ):
+        config = Path(tmp) / "replica.toml"
+        config.write_text(CONFIG_TOML.format(llm=LLM))
+        try:
+            registry = st.enter_context(
+                service(
+                    ["-m", "spillgate.registry.app", "--db", f"{tmp}/r.db", "--port", "0"],
+                    r"registry ready grpc=(\S+)",
+                )
+            )
+            replica_args = ["-m", "spillgate.cli", "replica", "--grpc-port", "0",
+                            "--metrics-port", "0", "--host", "127.0.0.1", "--speed",
+                            f"{args.speed:g}", "--config", str(config)]  # fmt: skip
+            replicas = [
+                st.enter_context(service(replica_args, r"replica ready grpc=(\S+) metrics=(\S+)"))
+                for _ in range(args.replicas)
+            ]
+            reg = registry.ready[0]
+            admission = st.enter_context(
+                service(
+                    ["-m", "spillgate.admission.app", "--region", "us", "--registry", reg,
+                     "--port", "0", "--log-level", "WARNING"],
+                    r"admission ready grpc=(\S+)",
+                )
+            )  # fmt: skip
+            gateway = st.enter_context(
+                service(
+                    ["-m", "spillgate.gateway.app", "--region", "us", "--registry", reg,
+                     "--admission", admission.ready[0], "--port", "0", "--http-port", "0",
+                     "--log-level", "WARNING"],
+                    r"gateway ready grpc=(\S+) http=(\S+)",
+                    profile=args.profile_gateway,
+                )
+            )  # fmt: skip
+            with grpc.insecure_channel(reg) as channel:
+                registry_pb2_grpc.RegistryServiceStub(channel).Apply(
+                    registry_pb2.ApplyRequest(
+                        mutations=[
+                            registry_pb2.Mutation(put=e)
+                            for e in entities(admission.ready[0], gateway.ready[0], replicas)
+                        ]
+                    )
+                )
+            addr = {
+                "replica": replicas[0].ready[0],
+                "gateway": gateway.ready[0],
+                "http": gateway.ready[1],
+            }
+            pids = {
+                "gateway": gateway.proc.pid,
+                "admission": admission.proc.pid,
+                "registry": registry.proc.pid,
+                "client": os.getpid(),
+                **{f"replica{i}": r.proc.pid for i, r in enumerate(replicas)},
+            }
+            results = asyncio.run(asyncio.wait_for(run(args, addr, pids), budget))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            log("interrupted: stopping the fleet")
+            return 130
+        except (RuntimeError, TimeoutError, OSError, grpc.RpcError) as exc:
+            log(f"gateway_overhead: {exc or type(exc).__name__}")
+            return 1
+    if args.profile_gateway is not None:
+        import pstats
+
+        log(f"gateway profile written to {args.profile_gateway}; top 30 by own time:")
+        stats = pstats.Stats(str(args.profile_gateway), stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(30)
+    print(
+        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"grpcio {info['grpcio']}, {info['platform']}"
+    )
+    print(f"Command: `{cmd}`")
+    print(
+        f"Fleet: registry, {args.replicas} replica(s) (`{LLM}` 1 ms TTFT/ITL, --speed "
+        f"{args.speed:g}), admission, gateway; {args.max_tokens} tokens per answer; "
+        f"{args.requests} timed requests per arm in {args.rounds} alternating rounds. "
+        "added = arm - direct (total, p50 / p99); CPU/req = process CPU time per request."
+    )
+    for c, s in results.items():
+        print()
+        print(table(c, s))
+    errors = sum(a["errors"] for s in results.values() for a in s.values())
+    pieces = {arm: a["pieces"] for s in results.values() for arm, a in s.items()}
+    if len({tuple(p) for p in pieces.values()}) != 1:
+        log(f"WARNING: the arms got different numbers of text pieces: {pieces}")
+    if args.json is not None:
+        data = {
+            "machine": info,
+            "command": cmd,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "replica_config": CONFIG_TOML.format(llm=LLM),
+            "results": {str(c): s for c, s in results.items()},
+        }
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        log(f"results written to {args.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
