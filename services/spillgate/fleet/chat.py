@@ -70,8 +70,8 @@ def _retry_after(exc: grpc.RpcError) -> str:
     return ""
 
 
-def chat(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
-    """Stream the answer to `out` as it arrives, then the route; 0 on success."""
+def _target(body: Mapping[str, Any], args: argparse.Namespace) -> tuple[str, str]:
+    """(region, gateway gRPC address) the user asked for."""
     regions: Mapping[str, Any] = body.get("regions", {})
     region = args.region or next(iter(regions), "")
     if region not in regions:
@@ -79,6 +79,10 @@ def chat(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
     gateway = (regions[region].get("gateway") or {}).get("grpc")
     if not gateway:
         raise ChatError(f"region {region!r} has no gateway (started with --no-gateway?)")
+    return region, str(gateway)
+
+
+def _request(body: Mapping[str, Any], args: argparse.Namespace) -> gateway_pb2.ChatRequest:
     budgets: Mapping[str, float] = body.get("budgets_ms", {})
     budget = args.budget_ms if args.budget_ms is not None else budgets.get(args.priority, 0)
     request = gateway_pb2.ChatRequest(
@@ -90,6 +94,15 @@ def chat(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
         allow_degrade=args.allow_degrade,
         budget_ms=int(budget),
     )
+    return request
+
+
+def chat(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
+    """Stream the answer to `out` as it arrives, then the route; 0 on success."""
+    if args.burst:
+        return burst(body, args, out)
+    _, gateway = _target(body, args)
+    request = _request(body, args)
     metadata = (("authorization", f"Bearer {_key(body, args.key)}"),)
     route: gateway_pb2.RouteInfo | None = None
     usage = None
@@ -116,3 +129,45 @@ def chat(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
     if usage is not None:
         print(f"usage: {usage}".replace("\n", " ").strip(), file=out)
     return 0
+
+
+def burst(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
+    """Send `args.burst` copies at once (one session each); print how they were routed."""
+    import asyncio
+    from collections import Counter
+
+    region, gateway = _target(body, args)
+    request = _request(body, args)
+    metadata = (("authorization", f"Bearer {_key(body, args.key)}"),)
+    routes: Counter[tuple[str, str, str]] = Counter()
+    errors: Counter[str] = Counter()
+
+    async def one(stub: gateway_pb2_grpc.GatewayServiceAsyncStub, i: int) -> None:
+        copy = gateway_pb2.ChatRequest()
+        copy.CopyFrom(request)
+        copy.session_id = f"{args.session_id or 'burst'}-{i}"
+        route = None
+        try:
+            async for chunk in stub.Chat(copy, metadata=metadata, timeout=DEADLINE_S):
+                if chunk.HasField("route"):
+                    route = chunk.route
+        except grpc.aio.AioRpcError as exc:
+            why = (exc.details() or "").split(";")[0]
+            errors[f"{exc.code().name}: {why}"] += 1
+            return
+        if route is not None:
+            action = common_pb2.Action.Name(route.action).removeprefix("ACTION_").lower()
+            routes[(route.region, action, route.reason)] += 1
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            await asyncio.gather(*(one(stub, i) for i in range(args.burst)))
+
+    asyncio.run(run())
+    print(f"{args.burst} requests into {region}:", file=out)
+    for (where, action, reason), n in sorted(routes.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:4d}  ran in {where:6s} {action:9s} {reason}", file=out)
+    for code, n in sorted(errors.items()):
+        print(f"  {n:4d}  {code}", file=out)
+    return 0 if routes else 1

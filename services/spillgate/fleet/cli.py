@@ -165,7 +165,6 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         table = render(body)
         if args.watch is None:
             print(table, file=out)
-            print("\nSHED: not exported by admissions yet", file=out)
             return 0
         # Clear the screen and redraw (a live table).
         stamp = time.strftime("%H:%M:%S")
@@ -248,6 +247,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-degrade", action="store_true", help="accept the fallback model")
     c.add_argument("--session-id", default="")
     c.add_argument("--key", help="API key (default: the fleet's dev-key file)")
+    c.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send N copies at once and print how they were routed (not the answers)",
+    )
     c.set_defaults(func=_chat)
     return p
 

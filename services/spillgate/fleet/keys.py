@@ -27,6 +27,12 @@ def create_dev_key(store: Path, tenant: str, cwd: Path) -> str:
             str(store),
             "--tenant",
             tenant,
+            # A local demo key: bursts that show overflow and shedding must not be stopped
+            # by the tenant rate limit first.
+            "--rps",
+            "1000",
+            "--burst",
+            "2000",
         ],
         capture_output=True,
         text=True,
