@@ -221,3 +221,13 @@ async def test_bad_key_unknown_model_and_rate_limit(fleet: Running) -> None:
     status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
     info = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(info) and info.retry_delay.ToMilliseconds() > 0
+
+
+async def test_chat_burst_prints_how_requests_were_routed(fleet: Running) -> None:
+    await warm(fleet)
+    done = spillgate("chat", "hello", "--region", "us", "--burst", "6", state=fleet.state)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "6 requests into us:"
+    counts = [int(line.split()[0]) for line in lines[1:]]
+    assert sum(counts) == 6 and "ran in us" in done.stdout
