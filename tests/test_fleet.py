@@ -199,7 +199,7 @@ def test_up_starts_a_healthy_fleet_reports_a_crash_and_stops_everything(
     up: Up, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    eventually(lambda: "spillgate down` stops the fleet" in up.text, timeout=40)
+    eventually(lambda: "down`) stops the fleet" in up.text, timeout=40)
     text = up.text
     for progress in (
         "registry      ready",

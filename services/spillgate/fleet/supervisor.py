@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,19 @@ READY = {
     "admission": re.compile(r"spillgate admission ready grpc=(?P<grpc>\S+)"),
     "gateway": re.compile(r"spillgate gateway ready grpc=(?P<grpc>\S+) http=(?P<http>\S+)"),
 }
+
+
+def command_name() -> str:
+    """How the user can run `spillgate`: the bare name when it is on PATH, else its path
+    (`.venv/bin/spillgate` after `make up` in a fresh clone)."""
+    found = shutil.which("spillgate")
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if found or script is None or script.name != "spillgate":
+        return "spillgate"
+    try:
+        return str(script.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 class StartError(Exception):
@@ -586,9 +600,10 @@ class Supervisor:
             self.write_fleet()
             self.say(f"fleet healthy in {time.monotonic() - self._t0:.1f}s")
             print(endpoints_table(body), file=self.out, flush=True)
+            cmd = command_name()
             print(
-                '\nspillgate status | spillgate chat "Hello" --region apac | '
-                "spillgate endpoints --json | Ctrl-C or `spillgate down` stops the fleet",
+                f'\nTry: {cmd} status | {cmd} chat "Hello" --region apac | '
+                f"{cmd} endpoints --json. Ctrl-C (or `{cmd} down`) stops the fleet.",
                 file=self.out,
                 flush=True,
             )
