@@ -36,7 +36,7 @@ from spillgate.core.prefix import block_hashes, tokenize
 from spillgate.core.retry_budget import RetryBudget
 from spillgate.gateway.auth import Caller
 from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid
-from spillgate.gateway.forward import ReplicaError, Replicas
+from spillgate.gateway.forward import ReplicaError, Replicas, coalesce
 from spillgate.gateway.models import ModelCatalog
 
 log = logging.getLogger(__name__)
@@ -300,14 +300,16 @@ class Gateway:
         ttft_ms = 0.0
         outcome: Any = admission_pb2.OUTCOME_ERROR
         usage = common_pb2.Usage()
-        pieces = self.replicas.generate(
-            decision.endpoint,
-            decision.triton_model_name,
-            decision.triton_model_version,
-            prompt,
-            sampling,
-            request_id,
-            self._remaining_s(call),
+        pieces = coalesce(
+            self.replicas.generate(
+                decision.endpoint,
+                decision.triton_model_name,
+                decision.triton_model_version,
+                prompt,
+                sampling,
+                request_id,
+                self._remaining_s(call),
+            )
         )
         try:
             first = True
@@ -337,7 +339,7 @@ class Gateway:
             raise
         finally:
             with contextlib.suppress(Exception):
-                await pieces.aclose()  # type: ignore[attr-defined]
+                await pieces.aclose()
             if outcome == admission_pb2.OUTCOME_ERROR and self._remaining_s(call) is not None:
                 remaining = self._remaining_s(call)
                 if remaining is not None and remaining <= 0:

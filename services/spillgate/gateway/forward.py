@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,3 +175,56 @@ async def close_quietly(it: AsyncIterator[Piece]) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await aclose()
+
+
+def _merge(batch: list[Piece]) -> Piece:
+    last = batch[-1]
+    return Piece(
+        text="".join(p.text for p in batch),
+        output_tokens=sum(p.output_tokens for p in batch),
+        final=last.final,
+        finish_reason=last.finish_reason,
+        input_tokens=last.input_tokens,
+    )
+
+
+async def coalesce(pieces: AsyncIterator[Piece]) -> AsyncGenerator[Piece, None]:
+    """Relay `pieces`, merging those that arrived while the consumer was busy (writing the
+    previous message to its client) into one: a slow relay then costs one write per batch
+    instead of one per token. Order, text, token counts and the final marker are kept; an
+    error is raised after the pieces received before it. Closing this generator cancels
+    the read of `pieces` (and so the replica request)."""
+    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for piece in pieces:
+                queue.put_nowait(piece)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, in order
+            queue.put_nowait(exc)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            batch: list[Piece] = []
+            item = await queue.get()
+            while True:
+                if item is None or isinstance(item, BaseException):
+                    if batch:
+                        yield _merge(batch)
+                    if item is None:
+                        return
+                    raise item
+                batch.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            yield _merge(batch)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await close_quietly(pieces)
