@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,3 +33,11 @@ def machine() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "platform": platform.platform(),
     }
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as the README quotes it."""
+    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    with contextlib.suppress(ValueError):
+        argv[0] = os.path.relpath(argv[0]) if not argv[0].startswith("/") else argv[0]
+    return shlex.join(argv)

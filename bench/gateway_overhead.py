@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
 import grpc
 import httpx
 import tritonclient.grpc.aio as triton
-from _common import log, machine
+from _common import command_line, log, machine
 
 from spillgate._proto import (
     common_pb2,
@@ -453,10 +453,6 @@ async def run(args: argparse.Namespace, addr: dict[str, str], pids: dict[str, in
         return out
     finally:
         await arms.close()
-
-
-def command_line() -> str:
-    return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shlex
 import signal
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _common import log, machine
+from _common import command_line, log, machine
 from google.protobuf import timestamp_pb2
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
@@ -506,13 +505,6 @@ def table(r: dict[str, Any], args: argparse.Namespace) -> str:
     out = ["| metric | value |", "|---|---:|"]
     out += [f"| {m} | {v} |" for m, v in rows]
     return "\n".join(out)
-
-
-def command_line() -> str:
-    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    with contextlib.suppress(ValueError):
-        argv[0] = os.path.relpath(argv[0]) if not argv[0].startswith("/") else argv[0]
-    return shlex.join(argv)
 
 
 # -- main ------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import log, machine
+from _common import command_line, log, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "llm-bench"
@@ -594,13 +594,6 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     out = ["| metric | value | vs ServerLive floor |", "|---|---:|---:|"]
     out += [f"| {m} | {v} | {r} |" for m, v, r in rows]
     return "\n".join(out)
-
-
-def command_line() -> str:
-    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    with contextlib.suppress(ValueError):
-        argv[0] = os.path.relpath(argv[0]) if not argv[0].startswith("/") else argv[0]
-    return shlex.join(argv)
 
 
 # -- main ------------------------------------------------------------------------------------

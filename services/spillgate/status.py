@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -57,3 +58,21 @@ class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.error = RpcError(code, message)
+
+
+T = TypeVar("T")
+
+
+async def guard(
+    context: grpc.aio.ServicerContext[Any, Any],
+    work: Awaitable[T],
+    to_rpc_error: Callable[[BaseException], RpcError],
+) -> T:
+    """Run one RPC's work; any exception ends the call with the status `to_rpc_error` maps
+    it to (the service's one error table). Cancellation passes through."""
+    try:
+        return await work
+    except Exception as exc:
+        error = to_rpc_error(exc)
+    await context.abort(error.code, error.message, error.trailing_metadata())
+    raise AssertionError("unreachable: abort raises")

@@ -33,7 +33,7 @@ from spillgate.admission.errors import to_rpc_error
 from spillgate.core.decision import Action, Decision, Outcome, Request
 from spillgate.core.policy import Policy
 from spillgate.core.policy_config import PolicyConfig
-from spillgate.status import ServiceError
+from spillgate.status import ServiceError, guard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,14 +109,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _guard(self, context: Context, work: Awaitable[T]) -> T:
-        try:
-            return await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = to_rpc_error(exc)
-        await context.abort(error.code, error.message, error.trailing_metadata())
-        raise AssertionError("unreachable: abort raises")
+        return await guard(context, work, to_rpc_error)
 
     def _count(self, decision: Decision) -> None:
         key = f"{decision.action.name}:{decision.reason}"

@@ -37,7 +37,7 @@ from spillgate.registry.store import (
     state_from_snapshot,
 )
 from spillgate.registry.validate import plan_apply, validate_entity
-from spillgate.status import ServiceError
+from spillgate.status import ServiceError, guard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,12 +171,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _guard(self, context: Context, work: Awaitable[T]) -> T:
-        try:
-            return await work
-        except Exception as exc:
-            error = to_rpc_error(exc)
-        await context.abort(error.code, error.message, error.trailing_metadata())
-        raise AssertionError("unreachable: abort raises")
+        return await guard(context, work, to_rpc_error)
 
     def _announce(self, tell: Callable[[ReplicaDirectory], None]) -> None:
         """Tell the directory (if any); its failures are logged, never passed on."""
