@@ -140,6 +140,13 @@ def parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("rest", nargs=argparse.REMAINDER)
     gw.set_defaults(func=lambda _: (print("usage: spillgate gateway serve --help"), 2)[1])
+    cp = sub.add_parser(
+        "controlplane",
+        help="Envoy's xDS control plane: `spillgate controlplane serve|dump --help`",
+        add_help=False,
+    )
+    cp.add_argument("rest", nargs=argparse.REMAINDER)
+    cp.set_defaults(func=lambda _: (print("usage: spillgate controlplane --help"), 2)[1])
     for name, text in FLEET_COMMANDS.items():
         fleet = sub.add_parser(name, help=text, add_help=False)
         fleet.add_argument("rest", nargs=argparse.REMAINDER, help=f"`spillgate {name} --help`")
@@ -166,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         from spillgate.gateway.app import main as gateway_main
 
         return gateway_main(argv[2:])
+    if argv[:1] == ["controlplane"]:
+        # serve | dump, with their own options (incl. --help).
+        from spillgate.controlplane.app import main as controlplane_main
+
+        return controlplane_main(argv[1:])
     if argv[:2] == ["admission", "serve"]:
         from spillgate.admission.app import main as admission_main
 
