@@ -77,6 +77,7 @@ class Admission:
         self.health = HealthChecker(on_event=self._on_health)
         self.peers = Peers(region, self._on_summary, on_failure=self._on_peer_failure)
         self.health_servicer = health.aio.HealthServicer()
+        self._serving_task: asyncio.Task[None] | None = None
 
     # -- feeds ------------------------------------------------------------------------------
 
@@ -115,17 +116,13 @@ class Admission:
             if kind != REPLICA or entity.replica.region != self.region:
                 continue
             r = entity.replica
-            names = tuple(
-                fleet.versions[(v.model, v.version)].triton_model_name
+            served = [
+                (v.model, fleet.versions[(v.model, v.version)].triton_model_name)
                 for v in r.loaded
                 if (v.model, v.version) in fleet.versions
-            )
-            llm = [
-                fleet.versions[(v.model, v.version)].triton_model_name
-                for v in r.loaded
-                if (v.model, v.version) in fleet.versions
-                and kinds.get(v.model) == common_pb2.MODEL_KIND_LLM
             ]
+            names = tuple(name for _, name in served)
+            llm = [name for model, name in served if kinds.get(model) == common_pb2.MODEL_KIND_LLM]
             if self.static_signals:
                 self._static[r.id] = names
                 continue
@@ -145,7 +142,8 @@ class Admission:
         self.servicer.kick()
         if first:
             log.info("first registry snapshot: revision %d", revision)
-            asyncio.get_running_loop().create_task(self._serving())
+            # Kept: a task with no reference may be garbage-collected before it runs.
+            self._serving_task = asyncio.get_running_loop().create_task(self._serving())
 
     async def _static_feed(self) -> None:
         """``static_signals``: report every local replica idle and fresh, each scrape period."""
@@ -164,7 +162,13 @@ class Admission:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self, listen: Listen, stop: asyncio.Event) -> None:
-        server = grpc.aio.server()
+        # Peers ping their WatchRegion streams every 2 s (peers.py): allow it.
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+            ]
+        )
         admission_pb2_grpc.add_AdmissionServiceServicer_to_server(self.servicer, server)
         for name in ("", SERVICE_NAME):
             await self.health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

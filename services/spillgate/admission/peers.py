@@ -24,6 +24,15 @@ from spillgate._proto import admission_pb2, admission_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
+# A silent partition must end the stream (and feed the neighbour's breaker), not leave it
+# waiting on a half-open connection: ping every 2 s, give up after 2 s without an answer.
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
 
 @dataclass(frozen=True)
 class PeersConfig:
@@ -82,7 +91,7 @@ class Peers:
         )
         while True:
             try:
-                async with grpc.aio.insecure_channel(endpoint) as channel:
+                async with grpc.aio.insecure_channel(endpoint, options=_KEEPALIVE) as channel:
                     stub = admission_pb2_grpc.AdmissionServiceStub(channel)
                     async for response in stub.WatchRegion(request):
                         if not self.connected.get(region):

@@ -138,7 +138,13 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             self.kick()
             # If this call is cancelled, the pump still finishes the queued request and
             # releases any slot it gets (see _finish).
-            decision = await future
+            try:
+                decision = await future
+            except asyncio.CancelledError:
+                # Granted in the same loop turn the caller went away: give the slot back.
+                if future.done() and not future.cancelled():
+                    self._give_back(future.result(), self._clock())
+                raise
             clocks = self.clocks()
         self._count(decision)
         return admission_pb2.AdmitResponse(decision=decision_to_proto(decision, clocks))
@@ -148,7 +154,10 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         if entry is not None and not entry[1].done():
             entry[1].set_result(decision)
             return
-        # The caller is gone (cancelled or deadline): give back what it was granted.
+        self._give_back(decision, now)
+
+    def _give_back(self, decision: Decision, now: float) -> None:
+        """The caller is gone (cancelled or deadline): release what it was granted."""
         if decision.ticket is not None:
             self.policy.release(decision.ticket.id, Outcome.CANCELLED, now)
         self._count(decision)
@@ -163,15 +172,24 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             self._wake.clear()
             now = self._clock()
             try:
-                for req, decision in self.policy.drain_queue(now):
-                    self._finish(req, decision, now)
+                finished = self.policy.drain_queue(now)
             except Exception:
                 log.exception("admission queue pump failed; continuing")
+                continue
+            for req, decision in finished:  # one bad entry never strands the others
+                try:
+                    self._finish(req, decision, now)
+                except Exception:
+                    log.exception("finishing queued request %s failed", req.request_id)
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self._config.ticket_sweep_s)
-            expired = self.policy.expire_tickets(self._clock())
+            try:
+                expired = self.policy.expire_tickets(self._clock())
+            except Exception:
+                log.exception("ticket sweep failed; continuing")
+                continue
             if expired:
                 log.info("expired %d unreleased tickets", len(expired))
                 self.kick()
