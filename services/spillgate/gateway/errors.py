@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from spillgate.status import RpcError, bad_request, retry_info
 
@@ -59,6 +60,29 @@ def invalid(field: str, message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field=field)
 
 
+def _details(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
+    """(retry-after ms, bad field) from a dependency's google.rpc details, so a passed-on
+    status keeps its RetryInfo and BadRequest."""
+    raw = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            raw = value
+    if raw is None:
+        return 0, ""
+    retry_after_ms, field = 0, ""
+    try:
+        status = status_pb2.Status.FromString(raw)
+    except Exception:  # a malformed trailer only loses the details
+        return 0, ""
+    for detail in status.details:
+        info, bad = error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            retry_after_ms = info.retry_delay.ToMilliseconds()
+        elif detail.Unpack(bad) and bad.field_violations:
+            field = bad.field_violations[0].field
+    return retry_after_ms, field
+
+
 def as_gateway_error(exc: BaseException) -> GatewayError:
     """Map any exception to what the caller sees (the mapping table's last rows)."""
     if isinstance(exc, GatewayError):
@@ -76,7 +100,10 @@ def as_gateway_error(exc: BaseException) -> GatewayError:
             grpc.StatusCode.PERMISSION_DENIED,
         }
         if code in passthrough:
-            return GatewayError(code, exc.details() or code.name)
+            retry_after_ms, field = _details(exc)
+            return GatewayError(
+                code, exc.details() or code.name, retry_after_ms=retry_after_ms, field=field
+            )
         log.warning("dependency failed: %s %s", code.name, exc.details())
         return GatewayError(grpc.StatusCode.UNAVAILABLE, "a spillgate dependency is unavailable")
     log.error("unexpected gateway error", exc_info=exc)

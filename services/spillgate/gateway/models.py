@@ -45,6 +45,12 @@ class ModelCatalog:
 
     def limits(self, name: str) -> Limits:
         """Limits for `name` (model id, alias or model@version); NOT_FOUND when unknown."""
+        if not self.state:
+            # No registry snapshot yet (start-up, registry unreachable on a cold start):
+            # retryable, not "unknown".
+            raise GatewayError(
+                grpc.StatusCode.UNAVAILABLE, "the gateway has no registry snapshot yet; retry"
+            )
         models = [m for m in map(self._model, self._targets(name)) if m is not None]
         if not models:
             raise GatewayError(grpc.StatusCode.NOT_FOUND, f"unknown model or alias {name!r}")
@@ -82,7 +88,10 @@ class ModelCatalog:
             elif kind == ALIAS:
                 targets = self._targets(key)
                 regions = sorted({r for t in targets for r in serving.get(t, ())})
-                limits = self.limits(key) if targets else Limits(0, 0)
+                try:
+                    limits = self.limits(key)
+                except GatewayError:  # its targets are gone: list it, without limits
+                    limits = Limits(0, 0)
                 listing = gateway_pb2.ModelListing(
                     model=key,
                     alias=True,
