@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission bench-gateway clean
+.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission bench-gateway bench-envoy bench-controlplane sim bench-sim clean
 
 venv: $(STAMP)
 
@@ -55,7 +55,7 @@ pytest: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # All benchmarks; ARGS goes to the one run by its own target.
-bench: bench-replica bench-registry bench-policy bench-admission bench-gateway
+bench: bench-replica bench-registry bench-policy bench-admission bench-gateway bench-envoy bench-controlplane
 
 bench-replica: venv
 	$(BIN)/python bench/replica_capacity.py $(ARGS)
@@ -77,6 +77,26 @@ bench-admission: venv
 # same request straight to the replica, alternating rounds, concurrency 1 and 16 (~2-4 min).
 bench-gateway: venv
 	$(BIN)/python bench/gateway_overhead.py $(ARGS)
+
+# Gateway Health and streamed Chat straight to the gateway and through the ingress Envoy
+# (configured by the control plane over ADS), alternating rounds, concurrency 1 and 16 (~1 min).
+bench-envoy: venv
+	$(BIN)/python bench/envoy_overhead.py $(ARGS)
+
+# Control plane push -> Envoy ACK / applied for 1,000 and 10,000 endpoints, build_snapshot
+# time and snapshot size (~30 s).
+bench-controlplane: venv
+	$(BIN)/python bench/controlplane_push.py $(ARGS)
+
+# Global simulator: every scenario preset through spillgate and the six baselines at 5 %
+# scale, table on the terminal, results.json + PNG plots in docs/sim/ (~15-30 min on one core).
+# ARGS overrides, e.g. ARGS="--scenario steady --scale 0.02 --duration 20".
+sim: venv
+	$(BIN)/spillgate sim --scenario all --policy all --scale 0.05 --out docs/sim $(ARGS)
+
+# Simulator speed: simulated requests per wall second at full scale (steady, 10 s, ~10 min).
+bench-sim: venv
+	$(BIN)/python bench/sim_speed.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

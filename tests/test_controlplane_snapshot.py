@@ -17,6 +17,7 @@ from spillgate.controlplane.snapshot import (
     CLUSTER,
     ENDPOINT,
     INGRESS_GATEWAY,
+    INGRESS_GATEWAY_HTTP,
     LISTENER,
     ROUTE,
     InconsistentSnapshot,
@@ -216,3 +217,27 @@ def test_unregistered_region_and_bad_endpoints() -> None:
     snapshot = build_snapshot(state, {}, Mode.PROD, MESH_US)
     check_consistent(snapshot)
     assert any("us-9" in w for w in snapshot.warnings)
+
+
+def test_gateway_http_endpoints_come_from_the_registry_and_the_override_wins() -> None:
+    state = world()
+    for entity in state.values():
+        if entity.WhichOneof("entity") == "region":
+            entity.region.gateway_http_endpoint = f"127.0.0.1:{PORTS[entity.region.id] + 5}"
+    snapshot = build_snapshot(state, {}, Mode.PROD, INGRESS_US)
+    check_consistent(snapshot)
+    http = cla(snapshot, INGRESS_GATEWAY_HTTP).endpoints
+    assert [(loc.locality.region, loc.priority) for loc in http] == [
+        ("us", 0),
+        ("eu", 1),
+        ("apac", 2),
+    ]
+    assert http[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 1005
+    # --gateway-http REGION=H:P still overrides what the registry says.
+    override = build_snapshot(state, {}, Mode.PROD, INGRESS_US, None, {"us": "127.0.0.1:7"})
+    us = cla(override, INGRESS_GATEWAY_HTTP).endpoints[0]
+    assert us.lb_endpoints[0].endpoint.address.socket_address.port_value == 7
+    # Without any HTTP endpoint the HTTP listener answers 503 (no cluster).
+    assert INGRESS_GATEWAY_HTTP not in build_snapshot(world(), {}, Mode.PROD, INGRESS_US).get(
+        CLUSTER
+    )

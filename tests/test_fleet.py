@@ -66,6 +66,10 @@ def test_built_in_spec_is_three_uneven_regions_with_published_rtts() -> None:
     us = spec.region_entity("us").region
     assert dict(us.rtt_ms) == {"eu": 80.5, "apac": 145.3}
     assert spec.budget_ms("normal") == 1200
+    assert spec.envoy and spec.emulate_rtt
+    assert not parse_fleet_spec(
+        fleet_spec({"us": 1}).replace("[fleet]", "[fleet]\nenvoy = false")
+    ).envoy
     models = {e.model.id: e.model for e in spec.entities if e.WhichOneof("entity") == "model"}
     assert models["llm-large"].fallback_model == "llm-small"
     assert 'load = ["llm-large", "llm-small"]' in spec.replica_config_text("apac")
@@ -95,6 +99,7 @@ def test_built_in_spec_is_three_uneven_regions_with_published_rtts() -> None:
             "region[0].gateway_endpoint: leave it out",
         ),
         (lambda s: s.replace("[fleet]", "[fleet"), "not valid TOML"),
+        (lambda s: s.replace("[fleet]", '[fleet]\nenvoy = "yes"'), "fleet.envoy must be true"),
     ],
 )
 def test_spec_errors_name_the_field(edit: object, message: str) -> None:
@@ -128,7 +133,7 @@ def spillgate(*args: str, state: Path, timeout: float = 60) -> subprocess.Comple
 class Up:
     """`spillgate up` in the foreground, its output collected line by line."""
 
-    def __init__(self, spec: Path, state: Path) -> None:
+    def __init__(self, spec: Path, state: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -139,6 +144,7 @@ class Up:
                 str(spec),
                 "--state-dir",
                 str(state),
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -188,7 +194,7 @@ def spec_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def up(spec_file: Path, tmp_path: Path) -> Iterator[Up]:
-    fleet = Up(spec_file, tmp_path / "state")
+    fleet = Up(spec_file, tmp_path / "state", "--no-envoy")
     try:
         yield fleet
     finally:
@@ -207,6 +213,7 @@ def test_up_starts_a_healthy_fleet_reports_a_crash_and_stops_everything(
         "registered (3/3)",
         "admission us   ready",
         "admissions    serving",
+        "envoy         skipped (--no-envoy",
     ):
         assert progress in text, text
     assert "REGION  COMPONENT" in text and "replica us-1" in text
@@ -290,7 +297,7 @@ def test_detach_then_down_and_supervisor_death_leaves_nothing(tmp_path: Path) ->
     spec = tmp_path / "fleet.toml"
     spec.write_text(fleet_spec({"us": 1, "eu": 1}))
     state = tmp_path / "state"
-    started = spillgate("up", "-f", str(spec), "--detach", state=state)
+    started = spillgate("up", "-f", str(spec), "--detach", "--no-envoy", state=state)
     assert started.returncode == 0, started.stdout + started.stderr
     assert "fleet healthy" in started.stdout and "replica eu-0" in started.stdout
     again = spillgate("up", "-f", str(spec), "--detach", state=state)
@@ -303,9 +310,17 @@ def test_detach_then_down_and_supervisor_death_leaves_nothing(tmp_path: Path) ->
     assert not [p for p in pids if pid_alive(p)]
     assert "no fleet is running" in spillgate("down", state=state).stdout
 
-    # SIGKILL of the supervisor itself: the children die with it (PR_SET_PDEATHSIG).
+    # SIGKILL of the supervisor itself: the children die with it (PR_SET_PDEATHSIG), Envoy
+    # (exec'ed by the same launcher) included.
     started = spillgate("up", "-f", str(spec), "--detach", state=state)
-    assert started.returncode == 0, started.stderr
+    assert started.returncode == 0, started.stdout + started.stderr
+    children = json.loads((state / "fleet.json").read_text())["children"]
+    assert sorted(n for n, c in children.items() if c["kind"] == "envoy") == [
+        "envoy-ingress-eu",
+        "envoy-ingress-us",
+        "envoy-mesh-eu",
+        "envoy-mesh-us",
+    ]
     pids = child_pids(state)
     supervisor = json.loads((state / "fleet.json").read_text())["pid"]
     os.kill(supervisor, signal.SIGKILL)
@@ -316,7 +331,7 @@ def test_chat_streams_and_reports_the_route(tmp_path: Path) -> None:
     spec = tmp_path / "fleet.toml"
     spec.write_text(fleet_spec({"us": 1, "apac": 1}))
     state = tmp_path / "state"
-    assert spillgate("up", "-f", str(spec), "--detach", state=state).returncode == 0
+    assert spillgate("up", "-f", str(spec), "--detach", "--no-envoy", state=state).returncode == 0
     try:
         key = state / "dev-key"
         assert key.stat().st_mode & 0o777 == 0o600

@@ -83,7 +83,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     (root / "r.toml").write_text(REPLICA_CONFIG)
     (root / "fleet.toml").write_text(_spec())
     state = root / "state"
-    started = spillgate("up", "-f", str(root / "fleet.toml"), "--detach", state=state, timeout=120)
+    # Routing policy is the point here, not Envoy (tests/test_fleet_envoy.py): call the
+    # gateways directly.
+    started = spillgate(
+        "up", "-f", str(root / "fleet.toml"), "--detach", "--no-envoy", state=state, timeout=120
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         endpoints = json.loads((state / "endpoints.json").read_text())

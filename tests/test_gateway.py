@@ -66,6 +66,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                     mutations=[registry_pb2.Mutation(put=e) for e in _entities(f)]
                 )
             )
+        for address in (*(a.ready[0] for a in admissions.values()), *map(f.gateway, gateways)):
+            fh.wait_serving(address)
         yield f
     finally:
         for proc in (*gateways.values(), *admissions.values(), *replicas.values(), registry):

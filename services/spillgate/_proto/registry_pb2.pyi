@@ -142,6 +142,7 @@ class Region(_message.Message):
     RTT_MS_FIELD_NUMBER: _builtins.int
     GATEWAY_ENDPOINT_FIELD_NUMBER: _builtins.int
     ADMISSION_ENDPOINT_FIELD_NUMBER: _builtins.int
+    GATEWAY_HTTP_ENDPOINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Region id ("us", "eu", "apac")."""
     display_name: _builtins.str
@@ -152,6 +153,10 @@ class Region(_message.Message):
     """Gateway gRPC endpoint "host:port" (what peers forward overflow to)."""
     admission_endpoint: _builtins.str
     """Admission gRPC endpoint "host:port"."""
+    gateway_http_endpoint: _builtins.str
+    """Gateway OpenAI-compatible HTTP endpoint "host:port" (what the region's ingress
+    Envoy proxies HTTP to); empty = the region's gateway serves no HTTP API.
+    """
     @_builtins.property
     def location(self) -> _common_pb2.Location:
         """Where the region's GPUs are."""
@@ -170,10 +175,11 @@ class Region(_message.Message):
         rtt_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         gateway_endpoint: _builtins.str = ...,
         admission_endpoint: _builtins.str = ...,
+        gateway_http_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_endpoint", b"admission_endpoint", "display_name", b"display_name", "gateway_endpoint", b"gateway_endpoint", "id", b"id", "location", b"location", "residency_zone", b"residency_zone", "rtt_ms", b"rtt_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_endpoint", b"admission_endpoint", "display_name", b"display_name", "gateway_endpoint", b"gateway_endpoint", "gateway_http_endpoint", b"gateway_http_endpoint", "id", b"id", "location", b"location", "residency_zone", b"residency_zone", "rtt_ms", b"rtt_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,7 +67,7 @@ class ControlPlaneConfig:
     summary_stale_s: float = 2.0
     # Asked of each admission's WatchRegion.
     summary_interval_ms: int = 500
-    # Region id -> gateway OpenAI HTTP address (not in the registry yet).
+    # Region id -> gateway OpenAI HTTP address; overrides Region.gateway_http_endpoint.
     gateways_http: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -257,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             action="append",
             default=[],
             metavar="REGION=HOST:PORT",
-            help="a region's gateway OpenAI HTTP address (repeatable)",
+            help="a region's gateway OpenAI HTTP address (repeatable); overrides the "
+            "registry's Region.gateway_http_endpoint",
         )
     serve_p = sub.choices["serve"]
     serve_p.add_argument("--host", default="127.0.0.1")

@@ -115,19 +115,27 @@ class EnvoyProcess:
     def log_path(self) -> Path:
         return self.workdir / f"{self.config.node_id}.log"
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start Envoy and wait until its admin API answers (not until it is /ready)."""
+    @property
+    def admin_path(self) -> Path:
+        return self.workdir / f"{self.config.node_id}.admin"
+
+    def command(self) -> list[str]:
+        """Write the bootstrap (and clear a stale admin address); Envoy's argv.
+
+        `start()` runs it; a supervisor may run it under its own launcher instead and then
+        poll `read_admin()`.
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
         bootstrap = self.workdir / f"{self.config.node_id}.yaml"
         bootstrap.write_text(render_bootstrap(self.config))
-        admin_path = self.workdir / f"{self.config.node_id}.admin"
-        admin_path.unlink(missing_ok=True)
-        args = [
+        self.admin_path.unlink(missing_ok=True)
+        self.admin = ""
+        return [
             self._binary or find_envoy(),
             "-c",
             str(bootstrap),
             "--admin-address-path",
-            str(admin_path),
+            str(self.admin_path),
             # Several Envoys share one host in tests and `spillgate up`: no shared memory.
             "--disable-hot-restart",
             "--concurrency",
@@ -135,15 +143,27 @@ class EnvoyProcess:
             "--log-level",
             self._log_level,
         ]
+
+    def read_admin(self) -> bool:
+        """Pick up the admin address Envoy wrote; True once it is known."""
+        if not self.admin:
+            try:
+                self.admin = self.admin_path.read_text().strip()
+            except OSError:
+                return False
+        return bool(self.admin)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start Envoy and wait until its admin API answers (not until it is /ready)."""
+        args = self.command()
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not (admin_path.exists() and admin_path.read_text().strip()):
+        while not self.read_admin():
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise EnvoyError(f"Envoy did not start:\n{self.log_text()}")
             time.sleep(0.01)
-        self.admin = admin_path.read_text().strip()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

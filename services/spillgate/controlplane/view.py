@@ -5,9 +5,9 @@ latest RegionSummary into a `MeshView`; the snapshot builder reads only that vie
 never depends on registry storage details.
 
 Instances per region: the registry knows one gateway and one admission per region today
-(`Region.gateway_endpoint`, `Region.admission_endpoint`). `RegionView` already holds tuples of
-endpoints, so more instances per region fit without changing the builder: only
-`mesh_view` has to learn where they are listed.
+(`Region.gateway_endpoint`, `Region.gateway_http_endpoint`, `Region.admission_endpoint`).
+`RegionView` already holds tuples of endpoints, so more instances per region fit without
+changing the builder: only `mesh_view` has to learn where they are listed.
 
 A region is *draining* when it has replicas and every one of them is DRAINING (there is no
 region-level flag in registry.proto yet). Its gateways then reach Envoy as DRAINING, so
@@ -106,7 +106,7 @@ class RegionView:
     gateways: tuple[EndpointView, ...]
     admissions: tuple[EndpointView, ...]
     replicas: tuple[EndpointView, ...]
-    # Gateway OpenAI HTTP endpoints (not in the registry yet; see module docstring).
+    # Gateway OpenAI HTTP endpoints (`Region.gateway_http_endpoint`).
     gateways_http: tuple[EndpointView, ...] = ()
     draining: bool = False
     # Mean headroom_ratio over the models of the region's last fresh summary; 0 = unknown,
@@ -154,7 +154,8 @@ def mesh_view(
     """Condense registry state + fresh summaries (by region id) into a MeshView.
 
     Pure. The caller drops stale summaries first (the builder has no clock).
-    `gateways_http` maps region id -> the gateway's OpenAI HTTP address.
+    `gateways_http` maps region id -> the gateway's OpenAI HTTP address; it overrides the
+    registry's `Region.gateway_http_endpoint` (for gateways registered without it).
     """
     skipped: list[str] = []
     regions: list[registry_pb2.Region] = []
@@ -190,7 +191,7 @@ def mesh_view(
         if summary is not None and summary.models:
             ratios = [min(1.0, max(0.0, m.headroom_ratio)) for m in summary.models]
             headroom = sum(ratios) / len(ratios)
-        http = (gateways_http or {}).get(region.id, "")
+        http = (gateways_http or {}).get(region.id) or region.gateway_http_endpoint
         views[region.id] = RegionView(
             id=region.id,
             residency_zone=region.residency_zone,

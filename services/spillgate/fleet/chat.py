@@ -71,11 +71,15 @@ def _retry_after(exc: grpc.RpcError) -> str:
 
 
 def _target(body: Mapping[str, Any], args: argparse.Namespace) -> tuple[str, str]:
-    """(region, gateway gRPC address) the user asked for."""
+    """(region, gRPC address) the user asked for: the region's ingress Envoy (its public
+    endpoint) when the fleet runs one, else its gateway."""
     regions: Mapping[str, Any] = body.get("regions", {})
     region = args.region or next(iter(regions), "")
     if region not in regions:
         raise ChatError(f"unknown region {region!r} (regions: {', '.join(regions)})")
+    ingress = (regions[region].get("ingress") or {}).get("grpc")
+    if ingress:
+        return region, str(ingress)
     gateway = (regions[region].get("gateway") or {}).get("grpc")
     if not gateway:
         raise ChatError(f"region {region!r} has no gateway (started with --no-gateway?)")

@@ -53,7 +53,8 @@ def _up(args: argparse.Namespace, out: TextIO) -> int:
     except FleetRunning as exc:
         return _fail("up", str(exc))
     with lock:
-        return Supervisor(spec, state, out, gateways=gateways).run()
+        envoy = spec.envoy and not args.no_envoy
+        return Supervisor(spec, state, out, gateways=gateways, envoy=envoy).run()
 
 
 def _detach(args: argparse.Namespace, state: StateDir, out: TextIO) -> int:
@@ -67,6 +68,8 @@ def _detach(args: argparse.Namespace, state: StateDir, out: TextIO) -> int:
         argv += ["-f", str(args.file)]
     if args.no_gateway:
         argv.append("--no-gateway")
+    if args.no_envoy:
+        argv.append("--no-envoy")
     log_path = state.log("supervisor")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -216,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no gateways: callers use the admissions directly (zero-proxy)",
     )
+    u.add_argument(
+        "--no-envoy",
+        action="store_true",
+        help="no control plane and no Envoy: clients call the gateways directly "
+        "(overrides [fleet] envoy = true)",
+    )
     u.set_defaults(func=_up)
 
     d = sub.add_parser("down", parents=[common], help="stop the fleet started by `up`")
@@ -239,7 +248,11 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", parents=[common], help="ask the fleet; shows how it was routed")
     c.add_argument("prompt")
-    c.add_argument("--region", help="the gateway to ask (default: the first region)")
+    c.add_argument(
+        "--region",
+        help="the region to ask, through its ingress Envoy when the fleet runs one "
+        "(default: the first region)",
+    )
     c.add_argument("--model", help="alias or name@version (default: the spec's fleet.model)")
     c.add_argument("--max-tokens", type=int, default=64)
     c.add_argument("--priority", choices=PRIORITIES, default="normal")

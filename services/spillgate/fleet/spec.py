@@ -9,7 +9,9 @@ local fleet needs::
     replica_config = "r.toml" # simulator models and timing (default: the built-in one)
     lease_ms = 3000           # replica registry leases (heartbeats every third of it)
     startup_timeout_s = 60    # per start-up phase
-    emulate_rtt = true        # gateways delay inter-region forwards by the region RTT
+    emulate_rtt = true        # inter-region hops are delayed by the region RTT (Envoy's
+                              # fault filter on the mesh; the gateway itself without Envoy)
+    envoy = true              # run the control plane and an ingress + mesh Envoy per region
     model = "chat"            # what `spillgate chat` asks for
     tenant = "dev"            # tenant of the dev API key
 
@@ -50,11 +52,12 @@ _FLEET_KEYS = {
     "lease_ms",
     "startup_timeout_s",
     "emulate_rtt",
+    "envoy",
     "model",
     "tenant",
 }
 _TOP = {"fleet", "sla", "region", "model", "version", "alias", "placement"}
-_FILLED_IN = ("gateway_endpoint", "admission_endpoint")
+_FILLED_IN = ("gateway_endpoint", "gateway_http_endpoint", "admission_endpoint")
 MAX_REPLICAS_PER_REGION = 64
 
 
@@ -87,6 +90,7 @@ class FleetSpec:
     tenant: str = "dev"
     budgets_ms: Mapping[str, float] = field(default_factory=dict)
     replica_base: Mapping[str, Any] = field(default_factory=dict)  # raw replica TOML
+    envoy: bool = True
 
     def replica_config_text(self, region: str) -> str:
         """The replica TOML for `region`'s simulators: the base with this speed and load."""
@@ -177,6 +181,9 @@ def _parse(doc: dict[str, Any], source: str, base_dir: Path | None) -> FleetSpec
     emulate = fleet.get("emulate_rtt", True)
     if not isinstance(emulate, bool):
         raise FleetSpecError(f"fleet.emulate_rtt must be true or false, got {emulate!r}")
+    envoy = fleet.get("envoy", True)
+    if not isinstance(envoy, bool):
+        raise FleetSpecError(f"fleet.envoy must be true or false, got {envoy!r}")
     model = _string("fleet.model", fleet.get("model", "chat"))
     tenant = _string("fleet.tenant", fleet.get("tenant", "dev"))
 
@@ -287,6 +294,7 @@ def _parse(doc: dict[str, Any], source: str, base_dir: Path | None) -> FleetSpec
         tenant,
         budgets,
         base,
+        envoy,
     )
     for plan in plans:
         if not plan.replicas:

@@ -10,6 +10,7 @@ Layout (default `$SPILLGATE_STATE_DIR`, else `./.spillgate`)::
     registry.db      the registry's SQLite store (recreated by every `up`)
     keys.db          the gateways' API key store; dev-key: a key for `spillgate chat` (0600)
     replica-R.toml   the simulator config of region R's replicas
+    envoy/NODE.yaml  each Envoy's rendered bootstrap; envoy/NODE.admin its admin address
 
 Files are replaced atomically (write + rename), so readers never see half a file.
 """

@@ -2,13 +2,17 @@
 
 Order: registry -> spec applied -> replicas (registered with leases) -> admissions (region
 admission endpoints applied, health SERVING) -> dev API key -> gateways (gateway endpoints
-applied, healthy). Each phase has a deadline; a child that exits during start-up fails the
-start with the end of its log. Once healthy the endpoint table goes to stdout and
+applied, healthy) -> control plane (follows the registry and the admissions' WatchRegion) ->
+an ingress and a mesh Envoy per region (listener ports picked before the gateways start, so
+each gateway is told its mesh address; a phase waits until every Envoy has ACKed its config
+and every ingress reaches its gateway). Each phase has a deadline; a child that exits during
+start-up fails the start with the end of its log. Once healthy the endpoint table goes to stdout and
 endpoints.json, and the supervisor watches: a child that exits is reported (which, how, the
 last lines of its log) and never restarted; its replica's lease is no longer renewed, so the
 registry drops it. SIGINT/SIGTERM stop everything: SIGTERM per process group, SIGKILL after a
 grace period. Children run in their own sessions (a terminal's Ctrl-C reaches only the
-supervisor, which stops them in order) and die with the supervisor (fleet.child).
+supervisor, which stops them in order) and die with the supervisor (fleet.child; Envoy is
+exec'ed by the same launcher, so it dies with the supervisor too).
 
 Replica registration: the supervisor is the replicas' registration agent (as a sidecar is
 for a real Triton server): RegisterReplica once a simulator is ready, Heartbeat every third
@@ -35,7 +39,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
+from spillgate.controlplane.envoy import Bootstrap, EnvoyError, EnvoyProcess
+from spillgate.controlplane.view import Role
 from spillgate.fleet.child import PARENT_ENV
+from spillgate.fleet.envoys import ConfigRejected, EnvoyNode, config_progress, plan_nodes
 from spillgate.fleet.spec import FleetSpec
 from spillgate.fleet.state import StateDir
 from spillgate.registry.cli import render_table
@@ -49,6 +56,7 @@ READY = {
     "replica": re.compile(r"spillgate replica ready grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)"),
     "admission": re.compile(r"spillgate admission ready grpc=(?P<grpc>\S+)"),
     "gateway": re.compile(r"spillgate gateway ready grpc=(?P<grpc>\S+) http=(?P<http>\S+)"),
+    "controlplane": re.compile(r"spillgate controlplane ready grpc=(?P<grpc>\S+)"),
 }
 
 
@@ -77,7 +85,7 @@ class Stopped(Exception):
 class Child:
     """One process of the fleet."""
 
-    name: str  # "registry", "replica-us-0", "admission-us", "gateway-us"
+    name: str  # "registry", "replica-us-0", "admission-us", "gateway-us", "envoy-ingress-us"
     kind: str
     region: str
     module_args: list[str]
@@ -161,11 +169,16 @@ class Supervisor:
         out: TextIO = sys.stdout,
         gateways: bool = True,
         cwd: Path | None = None,
+        envoy: bool = True,
     ) -> None:
         self.spec = spec
         self.state = state
         self.out = out
         self.gateways = gateways
+        # Envoy fronts the gateways: without gateways there is nothing for it to route to.
+        self.envoy = envoy and gateways
+        self.envoys: list[EnvoyNode] = []
+        self.controlplane = ""
         self.cwd = cwd or Path.cwd()
         self.children: list[Child] = []
         self.phase = "starting"
@@ -233,6 +246,11 @@ class Supervisor:
             entry: dict[str, object] = {
                 "residency_zone": region.residency_zone,
                 "rtt_ms": dict(sorted(region.rtt_ms.items())),
+                # The region's public endpoints (Envoy); None when the fleet runs without.
+                "ingress": None,
+                # Its egress for overflow hops (what its gateway's --mesh names).
+                "mesh": None,
+                # The gateway itself, for callers that bypass Envoy.
                 "gateway": None,
                 "admission": None,
                 "replicas": [],
@@ -245,6 +263,9 @@ class Supervisor:
                     entry["gateway"] = {"grpc": c.ready.get("grpc"), "http": c.ready.get("http")}
                 elif c.kind == "admission":
                     entry["admission"] = {"grpc": c.ready.get("grpc")}
+                elif c.kind == "envoy" and c.ready:
+                    role = "ingress" if c.ready.get("http") else "mesh"
+                    entry[role] = dict(c.ready)
                 elif c.kind == "replica":
                     replicas = entry["replicas"]
                     assert isinstance(replicas, list)
@@ -262,6 +283,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "state_dir": str(self.state.root.resolve()),
             "registry": {"grpc": self.registry},
+            "controlplane": {"grpc": self.controlplane} if self.controlplane else None,
             "regions": regions,
             "model": self.spec.model,
             "budgets_ms": dict(self.spec.budgets_ms),
@@ -512,6 +534,8 @@ class Supervisor:
                     entity.region.admission_endpoint = c.ready["grpc"]
                 if c.region == plan.id and c.kind == "gateway":
                     entity.region.gateway_endpoint = c.ready["grpc"]
+                    if c.ready["http"] != "-":
+                        entity.region.gateway_http_endpoint = c.ready["http"]
             entities.append(entity)
         self._apply(entities)
 
@@ -547,7 +571,13 @@ class Supervisor:
                 "--keys",
                 str(self.state.keys_db),
             ]
-            if self.spec.emulate_rtt:
+            mesh = next(
+                (n for n in self.envoys if n.region == plan.id and n.role is Role.MESH), None
+            )
+            if mesh is not None:
+                # Overflow hops go through the region's mesh Envoy, which also adds the RTT.
+                args += ["--mesh", mesh.grpc]
+            elif self.spec.emulate_rtt:
                 args.append("--emulate-rtt")
             children.append(
                 self._spawn(
@@ -571,6 +601,90 @@ class Supervisor:
         self._wait_serving(children)
         self.say("gateways      serving")
 
+    def _start_controlplane(self) -> None:
+        mode = "local" if self.spec.emulate_rtt else "prod"
+        child = self._spawn(
+            Child(
+                "controlplane",
+                "controlplane",
+                "",
+                [
+                    "spillgate.controlplane.app",
+                    "serve",
+                    "--registry",
+                    self.registry,
+                    "--port",
+                    "0",
+                    "--mode",
+                    mode,
+                ],
+                self.state.log("controlplane"),
+            )
+        )
+        self._wait("control plane", [child], lambda c: None)
+        self.controlplane = child.ready["grpc"]
+        delay = " (inter-region routes delayed by the RTT)" if mode == "local" else ""
+        self.say(f"controlplane  ready  grpc={self.controlplane} mode={mode}{delay}")
+
+    def _start_envoys(self) -> None:
+        """Start every planned Envoy; wait until each has ACKed its config and every ingress
+        reaches its region's gateway (grpc.health.v1 through the ingress)."""
+        workdir = self.state.root / "envoy"
+        children: list[tuple[EnvoyNode, Child]] = []
+        for node in self.envoys:
+            config = Bootstrap(
+                node.region, node.role, self.controlplane, node.grpc_port, node.http_port
+            )
+            # One worker thread each: six Envoys share the host with the whole fleet.
+            node.process = EnvoyProcess(config, workdir, concurrency=1)
+            try:
+                command = node.process.command()
+            except EnvoyError as exc:
+                raise StartError(f"{exc} (or run `spillgate up --no-envoy`)") from None
+            child = Child(
+                node.name, "envoy", node.region, ["--exec", *command], self.state.log(node.name)
+            )
+            children.append((node, self._spawn(child)))
+        self.say(f"envoy         starting {len(children)} (an ingress and a mesh per region)")
+        regions = [plan.id for plan in self.spec.regions]
+        deadline = time.monotonic() + self.spec.startup_timeout_s
+        pending = list(children)
+        waiting: dict[str, str] = {}
+        while pending:
+            self._check_stop()
+            for node, child in list(pending):
+                if child.proc is not None and child.proc.poll() is not None:
+                    child.reported = True
+                    tail = "\n".join(f"    {line}" for line in child.tail())
+                    raise StartError(
+                        f"{child.name} exited during start-up ({child.exit_reason()}); "
+                        f"last lines of {child.log}:\n{tail}"
+                    )
+                try:
+                    done, waiting[node.id] = config_progress(node, regions)
+                except ConfigRejected as exc:
+                    tail = "\n".join(f"    {line}" for line in child.tail())
+                    raise StartError(f"{exc}; last lines of {child.log}:\n{tail}") from None
+                if done:
+                    pending.remove((node, child))
+                    assert node.process is not None
+                    child.ready = {"grpc": node.grpc, "admin": node.process.admin}
+                    if node.http:
+                        child.ready["http"] = node.http
+                    ports = f"grpc={node.grpc}" + (f" http={node.http}" if node.http else "")
+                    self.say(f"envoy {node.id:<12} ACKed  {ports} admin={node.process.admin}")
+            if pending and time.monotonic() > deadline:
+                detail = "; ".join(f"{n.id}: {waiting.get(n.id, '?')}" for n, _ in pending)
+                raise StartError(
+                    f"envoy: no accepted config within {self.spec.startup_timeout_s:g}s "
+                    f"({detail}; logs in {self.state.logs})"
+                )
+            if pending:
+                time.sleep(_POLL_S)
+        ingresses = [c for n, c in children if n.role is Role.INGRESS]
+        self._wait_serving(ingresses)
+        self.say("ingress       serving (each reaches its region's gateway)")
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -591,9 +705,17 @@ class Supervisor:
             self._start_admissions()
             if self.gateways:
                 self._create_dev_key()
+                if self.envoy:
+                    self.envoys = plan_nodes([plan.id for plan in self.spec.regions])
                 self._start_gateways()
             else:
                 self.say("gateways      skipped (--no-gateway)")
+            if self.envoy:
+                self._start_controlplane()
+                self._start_envoys()
+            else:
+                why = "--no-envoy or [fleet] envoy = false" if self.gateways else "no gateways"
+                self.say(f"envoy         skipped ({why})")
             self.phase = "healthy"
             body = self.endpoints()
             self.state.write_json(self.state.endpoints_file, body)
@@ -643,7 +765,13 @@ class Supervisor:
                 + ", ".join(c.name for c in self.children if c.proc and c.proc.poll() is None)
                 or "-"
             )
-        tiers = (("gateway", "admission"), ("replica",), ("registry",))
+        # Front to back: Envoy first (no new requests), its control plane with the gateways.
+        tiers = (
+            ("envoy",),
+            ("controlplane", "gateway", "admission"),
+            ("replica",),
+            ("registry",),
+        )
         for kinds in tiers:
             tier = [c for c in self.children if c.kind in kinds]
             stop_children(tier)
@@ -682,13 +810,28 @@ def endpoints_table(body: dict[str, object]) -> str:
     registry = body.get("registry")
     if isinstance(registry, dict):
         rows.append(["-", "registry", str(registry.get("grpc") or "-"), "-", "-"])
+    controlplane = body.get("controlplane")
+    if isinstance(controlplane, dict):
+        rows.append(["-", "controlplane", str(controlplane.get("grpc") or "-"), "-", "-"])
     regions = body.get("regions")
     if isinstance(regions, dict):
         for rid, entry in regions.items():
             gateway = entry.get("gateway") or {}
             admission = entry.get("admission") or {}
+            ingress = entry.get("ingress")
+            mesh = entry.get("mesh")
+            for role, envoy in (("ingress (public)", ingress), ("mesh", mesh)):
+                if envoy:
+                    stats = f"http://{envoy['admin']}/stats/prometheus"
+                    rows.append([rid, role, envoy["grpc"], envoy.get("http") or "-", stats])
             rows.append(
-                [rid, "gateway", gateway.get("grpc") or "-", gateway.get("http") or "-", "-"]
+                [
+                    rid,
+                    "gateway (direct)" if ingress else "gateway",
+                    gateway.get("grpc") or "-",
+                    gateway.get("http") or "-",
+                    "-",
+                ]
             )
             rows.append([rid, "admission", admission.get("grpc") or "-", "-", "-"])
             for r in entry.get("replicas", []):

@@ -41,6 +41,7 @@ class Options:
     http_port: int | None = 0  # None: no HTTP API
     keys: Path | None = None  # API key store; None: no authentication (development)
     emulate_rtt: bool = False
+    mesh: str = ""  # the region's mesh Envoy "host:port": overflow hops go through it
 
 
 def _authenticator(keys: Path | None) -> tuple[Authenticate, object | None]:
@@ -55,9 +56,19 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     """Run the gateway until `stop` is set; prints one ready line once both ports listen."""
     registry = RegistryClient(options.registry)
     catalog = ModelCatalog()
+    # grpc.health.v1 says NOT_SERVING until the first non-empty registry snapshot (without
+    # one every model is unknown), so load balancers and Envoy's health checks wait for it.
+    health_servicer = health.aio.HealthServicer()
+    serving: list[asyncio.Task[None]] = []
+
+    async def set_serving() -> None:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def on_registry(revision: int) -> None:
         catalog.state = registry.state
+        if revision > 0 and not serving:
+            serving.append(asyncio.get_running_loop().create_task(set_serving()))
 
     registry.add_listener(on_registry)
     admission_channel = grpc.aio.insecure_channel(options.admission)
@@ -66,6 +77,7 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         admission_pb2_grpc.AdmissionServiceStub(admission_channel),
         catalog,
         emulate_rtt=options.emulate_rtt,
+        mesh=options.mesh,
     )
     authenticate, auth_resource = _authenticator(options.keys)
 
@@ -78,9 +90,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
     from spillgate.gateway.triton import add_triton_passthrough
 
     triton_name = add_triton_passthrough(server, gateway, authenticate)
-    health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, triton_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server
@@ -129,7 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--emulate-rtt",
         action="store_true",
-        help="sleep the modelled inter-region RTT before forwarding an overflow (local fleets)",
+        help="sleep the modelled inter-region RTT before forwarding an overflow (local fleets; "
+        "ignored with --mesh, whose Envoy adds the delay)",
+    )
+    p.add_argument(
+        "--mesh",
+        default="",
+        metavar="HOST:PORT",
+        help="this region's mesh Envoy: overflow hops go through it (header "
+        "x-spillgate-destination-region) instead of straight to the neighbour's gateway",
     )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -145,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=None if args.http_port < 0 else args.http_port,
         keys=args.keys,
         emulate_rtt=args.emulate_rtt,
+        mesh=args.mesh,
     )
 
     async def run() -> None:

