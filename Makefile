@@ -88,11 +88,12 @@ bench-envoy: venv
 bench-controlplane: venv
 	$(BIN)/python bench/controlplane_push.py $(ARGS)
 
-# Global simulator: every scenario preset through spillgate and the six baselines at 5 %
-# scale, table on the terminal, results.json + PNG plots in docs/sim/ (~15-30 min on one core).
+# Global simulator: every scenario preset through spillgate and the six baselines at 2 %
+# scale, 20 simulated s each (windows compressed), table + results.json + PNG plots in docs/sim/
+# (~4 min on one core; the README numbers).
 # ARGS overrides, e.g. ARGS="--scenario steady --scale 0.02 --duration 20".
 sim: venv
-	$(BIN)/spillgate sim --scenario all --policy all --scale 0.05 --out docs/sim $(ARGS)
+	$(BIN)/spillgate sim --scenario all --policy all --scale 0.02 --duration 20 --markdown --out docs/sim $(ARGS)
 
 # Simulator speed: simulated requests per wall second at full scale (steady, 10 s, ~10 min).
 bench-sim: venv

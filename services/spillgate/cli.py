@@ -147,6 +147,10 @@ def parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("rest", nargs=argparse.REMAINDER)
     cp.set_defaults(func=lambda _: (print("usage: spillgate controlplane --help"), 2)[1])
+    sm = sub.add_parser(
+        "sim", help="global simulator: spillgate vs baselines on scenario presets", add_help=False
+    )
+    sm.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate sim --help`")
     for name, text in FLEET_COMMANDS.items():
         fleet = sub.add_parser(name, help=text, add_help=False)
         fleet.add_argument("rest", nargs=argparse.REMAINDER, help=f"`spillgate {name} --help`")
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         from spillgate.fleet.cli import main as fleet_main
 
         return fleet_main(argv)
+    if argv[:1] == ["sim"]:
+        from spillgate.sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
     if argv[:2] == ["gateway", "serve"]:
         from spillgate.gateway.app import main as gateway_main
 
