@@ -272,3 +272,20 @@ async def test_replica_killed_under_load_every_request_ends_exactly_once(
         assert all(n == 1 for n in seen.values()), "a request ran on two replicas"
     finally:
         f.stop()
+
+
+async def test_a_long_client_deadline_does_not_widen_the_sla_budget(fleet: Fleet) -> None:
+    """A 60 s gRPC timeout caps the budget; it must not replace the priority's 1.2 s."""
+    answer = await chat_until_served(fleet.gateway("us"), chat_request())
+    default = answer.responses[0].route.estimate.budget_ms
+    timed = await chat(fleet.gateway("us"), chat_request(), timeout=60)
+    assert timed.responses[0].route.estimate.budget_ms <= default <= 1200
+    short = await chat(fleet.gateway("us"), chat_request(), timeout=0.9)
+    assert short.responses[0].route.estimate.budget_ms <= 900
+
+
+@pytest.mark.parametrize("hops", ["-1", "x", "99"])
+async def test_a_bad_hops_header_is_invalid_argument(fleet: Fleet, hops: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await chat(fleet.gateway("us"), chat_request(), metadata=(("x-spillgate-hops", hops),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

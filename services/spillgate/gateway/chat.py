@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from spillgate.gateway.models import ModelCatalog
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16  # tokens per prefix block; the simulator's (and vLLM's) default
+ADMIT_TIMEOUT_S = 60.0  # an Admit (queueing included) for a caller that set no deadline
 HOPS_KEY = "x-spillgate-hops"
 ORIGIN_KEY = "x-spillgate-origin-region"
 # What the mesh Envoy routes overflow hops on (controlplane/snapshot.py
@@ -144,6 +145,7 @@ class Gateway:
             str, tuple[grpc.aio.Channel, gateway_pb2_grpc.GatewayServiceAsyncStub]
         ] = {}
         self.admission_ok: bool | None = None  # last Admit reached admission (None: not yet)
+        self._background: set[asyncio.Future[Any]] = set()  # releases outliving their caller
 
     async def close(self) -> None:
         await self.replicas.close()
@@ -178,18 +180,23 @@ class Gateway:
                     retry_after_ms=decision.retry_after_ms or 1000,
                 )
             if decision.action == common_pb2.ACTION_OVERFLOW:
-                async for response in self._overflow(call, decision, request_id):
-                    yield response
+                async with contextlib.aclosing(self._overflow(call, decision, request_id)) as fw:
+                    async for response in fw:
+                        yield response
                 return
             started = False
+            serve = self._serve(call, decision, prompt, max_tokens, request_id)
             try:
-                async for response in self._serve(call, decision, prompt, max_tokens, request_id):
-                    started = True
-                    yield response
+                # aclosing: an abandoned stream releases its slot now, not at garbage collection.
+                async with contextlib.aclosing(serve) as responses:
+                    async for response in responses:
+                        started = True
+                        yield response
                 self._retry.on_success()
                 return
             except ReplicaError as exc:
-                self._retry.on_failure()
+                if exc.retryable:  # a request the replica refused as bad says nothing of it
+                    self._retry.on_failure()
                 if (
                     started
                     or not exc.retryable
@@ -244,10 +251,14 @@ class Gateway:
         if remaining is not None and remaining <= 0:
             raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         if remaining is not None:
-            context.budget_ms = max(1, min(context.budget_ms or 2**31, int(remaining * 1000)))
+            # The caller's deadline caps the budget (budget_ms 0 still means the priority's
+            # default): admission takes the earlier of the two.
+            context.deadline.FromNanoseconds(time.time_ns() + int(remaining * 1e9))
+        # Without a deadline, never wait on admission forever (queueing included).
+        timeout = remaining if remaining is not None else ADMIT_TIMEOUT_S
         try:
             response = await self._admission.Admit(
-                admission_pb2.AdmitRequest(context=context), timeout=remaining
+                admission_pb2.AdmitRequest(context=context), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
             self.admission_ok = exc.code() != grpc.StatusCode.UNAVAILABLE
@@ -269,9 +280,15 @@ class Gateway:
         request = admission_pb2.ReleaseRequest(
             ticket_id=ticket, outcome=outcome, usage=usage, ttft_ms=ttft_ms, total_ms=total_ms
         )
+        task = asyncio.ensure_future(self._admission.Release(request, timeout=5))
         try:
-            await asyncio.shield(self._admission.Release(request, timeout=5))
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The release goes on in the background; the caller's cancellation does not.
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+        except Exception as exc:
             log.warning("release of %s failed (%s); its lease will expire", ticket, exc)
 
     async def _serve(
@@ -281,7 +298,7 @@ class Gateway:
         prompt: str,
         max_tokens: int,
         request_id: str,
-    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+    ) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
         r = call.request
         if decision.HasField("degrade") and decision.degrade.max_tokens:
             max_tokens = min(max_tokens, decision.degrade.max_tokens)
@@ -341,7 +358,8 @@ class Gateway:
                     outcome = admission_pb2.OUTCOME_OK
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = admission_pb2.OUTCOME_CANCELLED
+            if outcome != admission_pb2.OUTCOME_OK:  # closed after the final piece: it ran
+                outcome = admission_pb2.OUTCOME_CANCELLED
             raise
         except ReplicaError:
             outcome = admission_pb2.OUTCOME_ERROR
@@ -349,17 +367,16 @@ class Gateway:
         finally:
             with contextlib.suppress(Exception):
                 await pieces.aclose()
-            if outcome == admission_pb2.OUTCOME_ERROR and self._remaining_s(call) is not None:
-                remaining = self._remaining_s(call)
-                if remaining is not None and remaining <= 0:
-                    outcome = admission_pb2.OUTCOME_TIMEOUT
+            remaining = self._remaining_s(call)
+            if outcome != admission_pb2.OUTCOME_OK and remaining is not None and remaining <= 0:
+                outcome = admission_pb2.OUTCOME_TIMEOUT  # the caller's deadline ended it
             total_ms = (self._clock() - start) * 1000
             if decision.ticket.id:
                 await self._release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
 
     async def _overflow(
         self, call: ChatCall, decision: common_pb2.Decision, request_id: str
-    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+    ) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
         if not decision.endpoint and not self._mesh:
             raise GatewayError(
                 grpc.StatusCode.UNAVAILABLE, f"region {decision.region} has no gateway endpoint"
@@ -379,6 +396,10 @@ class Gateway:
         # The neighbour gets what is left of the end-to-end budget after the round trip.
         forwarded = gateway_pb2.ChatRequest()
         forwarded.CopyFrom(call.request)
+        # The version admission resolved here (session pin, canary weights) is the one to
+        # serve: the neighbour must not resolve the alias again.
+        if decision.model and decision.version:
+            forwarded.model = f"{decision.model}@{decision.version}"
         left = decision.estimate.budget_ms - decision.estimate.network_ms
         forwarded.budget_ms = max(1, int(left))
         peer = self._peer(self._mesh or decision.endpoint)

@@ -24,6 +24,7 @@ from spillgate.gateway.errors import GatewayError, as_gateway_error
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+MAX_HOPS = 8  # region-to-region forwards a request may have taken (one in practice)
 # (metadata, scope) -> Caller; raises GatewayError (UNAUTHENTICATED, PERMISSION_DENIED,
 # RESOURCE_EXHAUSTED for rate limits).
 Authenticate = Callable[[Mapping[str, str], str], Caller]
@@ -84,9 +85,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             hops = int(metadata.get(HOPS_KEY, "0"))
         except ValueError:
+            hops = -1
+        if not 0 <= hops <= MAX_HOPS:
             raise GatewayError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{HOPS_KEY}: must be an integer"
-            ) from None
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{HOPS_KEY}: must be an integer from 0 to {MAX_HOPS}",
+                field=HOPS_KEY,
+            )
         forward = tuple((k, metadata[k]) for k in ("authorization", "x-api-key") if k in metadata)
         return ChatCall(
             request=request,
