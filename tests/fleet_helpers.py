@@ -21,8 +21,9 @@ _ADMISSION_READY = re.compile(r"spillgate admission ready grpc=(\S+) region=(\S+
 _GATEWAY_READY = re.compile(r"spillgate gateway ready grpc=(\S+) http=(\S+) region=(\S+)")
 
 
-def start_admission(region: str, registry: str) -> ServiceProcess:
+def start_admission(region: str, registry: str, *extra: str) -> ServiceProcess:
     args = ["spillgate.admission.app", "--region", region, "--registry", registry, "--port", "0"]
+    args += extra
     return start_service(args, _ADMISSION_READY)
 
 
@@ -161,14 +162,16 @@ class Fleet:
 LOADED = (("llm-small", "v1"), ("simple", "1"))
 
 
-def start_fleet(db: Path, replicas: int = 2, speed: str = "20") -> Fleet:
+def start_fleet(
+    db: Path, replicas: int = 2, speed: str = "20", admission_args: Sequence[str] = ()
+) -> Fleet:
     """Start a one-region fleet and wait until its admission and gateway are healthy."""
     registry = start_registry(db)
     started: list[ServiceProcess] = [registry]
     try:
         rps = [start_replica("--speed", speed) for _ in range(replicas)]
         started += rps
-        admission = start_admission("us", registry.address)
+        admission = start_admission("us", registry.address, *admission_args)
         started.append(admission)
         gateway = start_gateway("us", registry.address, admission.ready[0])
         started.append(gateway)

@@ -289,3 +289,26 @@ async def test_a_bad_hops_header_is_invalid_argument(fleet: Fleet, hops: str) ->
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await chat(fleet.gateway("us"), chat_request(), metadata=(("x-spillgate-hops", hops),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_stream_longer_than_its_ticket_lease_keeps_the_ticket_renewed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Lease 0.6 s, a ~2 s generation: the gateway renews, so admission never expires it
+    (its log would say "expired N unreleased tickets") and the final Release finds it."""
+    f = start_fleet(
+        tmp_path_factory.mktemp("lease") / "registry.db",
+        replicas=1,
+        speed="1",
+        admission_args=("--ticket-lease-s", "0.6"),
+    )
+    try:
+        answer = await chat_until_served(
+            f.gateway_address, chat_request(max_tokens=250, budget_ms=20_000)
+        )
+        assert answer.responses[-1].usage.completion_tokens > 100
+        await asyncio.sleep(0.6)  # one more sweep: an expiry would be logged by now
+        assert not any("unreleased tickets" in line for line in f.admission.output)
+        assert not any("release of" in line for line in f.gateway.output)
+    finally:
+        f.stop()

@@ -205,13 +205,19 @@ class Admission:
             await self.servicer.close()
 
 
-async def serve(region: str, registry: str, listen: Listen, static_signals: bool = False) -> None:
+async def serve(
+    region: str,
+    registry: str,
+    listen: Listen,
+    static_signals: bool = False,
+    config: PolicyConfig | None = None,
+) -> None:
     """Run until SIGINT/SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Admission(region, registry, static_signals=static_signals).run(listen, stop)
+    await Admission(region, registry, config, static_signals=static_signals).run(listen, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,14 +238,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="benchmarks/tests only: no scraping or health checks; every replica of the "
         "region counts as idle with fresh signals (replicas need not exist)",
     )
+    parser.add_argument(
+        "--ticket-lease-s",
+        type=float,
+        default=PolicyConfig.ticket_lease_s,
+        help="lease of an admitted slot; holders renew it (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    try:
+        config = PolicyConfig(ticket_lease_s=args.ticket_lease_s)
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with contextlib.suppress(KeyboardInterrupt):
         try:
             listen = Listen(args.host, args.port)
-            asyncio.run(serve(args.region, args.registry, listen, args.static_signals))
+            asyncio.run(serve(args.region, args.registry, listen, args.static_signals, config))
         except OSError as exc:
             print(f"spillgate admission: {exc}", file=sys.stderr)
             return 1

@@ -326,6 +326,7 @@ class Gateway:
         ttft_ms = 0.0
         outcome: Any = admission_pb2.OUTCOME_ERROR
         usage = common_pb2.Usage()
+        renewing = self._keep_renewed(decision.ticket) if decision.ticket.id else None
         pieces = coalesce(
             self.replicas.generate(
                 decision.endpoint,
@@ -370,9 +371,29 @@ class Gateway:
             remaining = self._remaining_s(call)
             if outcome != admission_pb2.OUTCOME_OK and remaining is not None and remaining <= 0:
                 outcome = admission_pb2.OUTCOME_TIMEOUT  # the caller's deadline ended it
+            if renewing is not None:
+                renewing.cancel()
             total_ms = (self._clock() - start) * 1000
             if decision.ticket.id:
                 await self._release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
+
+    def _keep_renewed(self, ticket: common_pb2.Ticket) -> asyncio.Task[None]:
+        """Renew the ticket's lease every third of it while the stream runs, so a long
+        generation keeps its slot accounted (an unrenewed lease expires at admission)."""
+
+        async def renew() -> None:
+            period = max(ticket.lease_ms, 300) / 3000
+            request = admission_pb2.RenewTicketRequest(ticket_id=ticket.id)
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await self._admission.RenewTicket(request, timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("renewing ticket %s failed: %s", ticket.id, exc.code().name)
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:
+                        return
+
+        return asyncio.get_running_loop().create_task(renew())
 
     async def _overflow(
         self, call: ChatCall, decision: common_pb2.Decision, request_id: str
