@@ -78,3 +78,14 @@ def test_key_lookups_are_cached_briefly_and_revokes_here_apply_at_once(tmp_path:
         assert cached.lookup(other.key) is None
     finally:
         store.close()
+
+
+def test_envoys_circuit_breaker_on_the_mesh_is_resource_exhausted() -> None:
+    refused = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(("x-envoy-overloaded", "true")),
+        grpc.aio.Metadata(),
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    )
+    mapped = as_gateway_error(refused)
+    assert mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED and mapped.retry_after_ms > 0

@@ -91,7 +91,7 @@ class BuildConfig:
     ingress_max_pending: int = 1_000
     # Hard cap on concurrent overflow requests from this region to each neighbour.
     spill_max_requests: int = 64
-    spill_max_pending: int = 16
+    spill_max_pending: int = 64
     max_retries: int = 3
     outlier_consecutive_5xx: int = 5
     outlier_interval_ms: int = 1_000

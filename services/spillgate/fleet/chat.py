@@ -125,7 +125,10 @@ def chat(body: Mapping[str, Any], args: argparse.Namespace, out: TextIO) -> int:
             out.write("\n")
             code = exc.code().name
             details = exc.details()
-            print(f"spillgate chat: {code}: {details}{_retry_after(exc)}", file=sys.stderr)
+            hint = _retry_after(exc)
+            if "retry after" in (details or ""):
+                hint = ""  # the message already says it
+            print(f"spillgate chat: {code}: {details}{hint}", file=sys.stderr)
             return 1
     out.write("\n")
     if route is not None:

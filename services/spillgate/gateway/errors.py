@@ -83,6 +83,15 @@ def _details(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
     return retry_after_ms, field
 
 
+def _envoy_overloaded(exc: grpc.aio.AioRpcError) -> bool:
+    """Envoy marks circuit-breaker rejections with `x-envoy-overloaded: true`."""
+    for metadata in (exc.initial_metadata(), exc.trailing_metadata()):
+        for key, _value in metadata or ():
+            if key == "x-envoy-overloaded":
+                return True
+    return "reset reason: overflow" in (exc.details() or "")
+
+
 def as_gateway_error(exc: BaseException) -> GatewayError:
     """Map any exception to what the caller sees (the mapping table's last rows)."""
     if isinstance(exc, GatewayError):
@@ -103,6 +112,13 @@ def as_gateway_error(exc: BaseException) -> GatewayError:
             retry_after_ms, field = _details(exc)
             return GatewayError(
                 code, exc.details() or code.name, retry_after_ms=retry_after_ms, field=field
+            )
+        if code == grpc.StatusCode.UNAVAILABLE and _envoy_overloaded(exc):
+            # Envoy's circuit breaker refused it: the spill cap to that region is reached.
+            return GatewayError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the overflow cap to the neighbour region is reached; retry later",
+                retry_after_ms=1000,
             )
         log.warning("dependency failed: %s %s", code.name, exc.details())
         return GatewayError(grpc.StatusCode.UNAVAILABLE, "a spillgate dependency is unavailable")
