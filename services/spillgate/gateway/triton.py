@@ -619,7 +619,8 @@ class TritonPassthrough(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 outcome = admission_pb2.OUTCOME_TIMEOUT
             raise self._replica_error(exc, decision.triton_model_name, context.model) from None
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = admission_pb2.OUTCOME_CANCELLED
+            if outcome != admission_pb2.OUTCOME_OK:  # closed after the final response: it ran
+                outcome = admission_pb2.OUTCOME_CANCELLED
             raise
         finally:
             call.cancel()
