@@ -180,8 +180,17 @@ async def test_residency_eu_never_leaves_eu_even_when_eu_is_saturated(fleet: Run
     routes, errors = await burst(fleet, "eu", 16, max_tokens=80, residency_zone="eu")
     assert all(r.region == "eu" for r in routes), Counter(r.region for r in routes)
     assert set(errors) <= {"RESOURCE_EXHAUSTED"}, errors
-    # The same request entering us must also stay in eu.
-    route = await chat(fleet, "us", request(residency_zone="eu", max_tokens=8))
+    # The same request entering us must also stay in eu: once eu has room again it is
+    # overflowed there; until then it is shed, never served in us.
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            route = await chat(fleet, "us", request(residency_zone="eu", max_tokens=8))
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+            assert asyncio.get_running_loop().time() < deadline, "eu never had room again"
+            await asyncio.sleep(0.2)
     assert route.region == "eu" and route.action == common_pb2.ACTION_OVERFLOW
 
 
@@ -235,3 +244,22 @@ async def test_chat_burst_prints_how_requests_were_routed(fleet: Running) -> Non
     assert lines[0] == "6 requests into us:"
     counts = [int(line.split()[0]) for line in lines[1:]]
     assert sum(counts) == 6 and "ran in us" in done.stdout
+
+
+async def test_a_tenant_token_limit_is_charged_prompt_plus_output(fleet: Running) -> None:
+    await warm(fleet)
+    store = str(fleet.state / "keys.db")
+    options = ["--store", store, "--tenant", "wordy", "--tokens-per-s", "30"]  # 300 tokens
+    created = subprocess.run(
+        [sys.executable, "-m", "spillgate.cli", "keys", "create", *options],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    await chat(fleet, "us", request(max_tokens=200), key=key)  # ~205 of 300 tokens
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await chat(fleet, "us", request(max_tokens=200), key=key)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "token" in (err.value.details() or "")

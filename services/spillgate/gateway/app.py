@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spillgate._proto import admission_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from spillgate.gateway.chat import Gateway
+from spillgate.gateway.chat import ChargeTokens, Gateway, no_token_limit
 from spillgate.gateway.models import ModelCatalog
 from spillgate.gateway.service import Authenticate, GatewayServicer, no_auth
 from spillgate.registry.client import RegistryClient
@@ -44,9 +44,9 @@ class Options:
     mesh: str = ""  # the region's mesh Envoy "host:port": overflow hops go through it
 
 
-def _authenticator(keys: Path | None) -> tuple[Authenticate, object | None]:
+def _authenticator(keys: Path | None) -> tuple[Authenticate, object | None, ChargeTokens]:
     if keys is None:
-        return no_auth, None
+        return no_auth, None, no_token_limit
     from spillgate.gateway.keys import key_authenticator
 
     return key_authenticator(keys)
@@ -79,7 +79,8 @@ async def serve(options: Options, stop: asyncio.Event) -> None:
         emulate_rtt=options.emulate_rtt,
         mesh=options.mesh,
     )
-    authenticate, auth_resource = _authenticator(options.keys)
+    authenticate, auth_resource, charge_tokens = _authenticator(options.keys)
+    gateway.charge_tokens = charge_tokens
 
     def registry_status() -> tuple[bool, int, float]:
         return registry.connected, registry.revision, registry.staleness_s() * 1000

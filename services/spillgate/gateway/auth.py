@@ -371,7 +371,13 @@ class Authenticator:
         )
         if not ok:
             raise RateLimited(retry_ms)
-        token_limit = limits.token_limit()
+        self.charge_tokens(caller, now, tokens)
+
+    def charge_tokens(self, caller: Caller, now: float, tokens: int) -> None:
+        """Charge ``tokens`` LLM tokens (prompt + requested output) to the tenant's token
+        bucket when its key has a token limit; raises `RateLimited` when over. Called once
+        the request is validated and its token count known."""
+        token_limit = caller.limits.token_limit()
         if token_limit is not None and tokens > 0:
             cost = min(float(tokens), token_limit.burst)
             ok, retry_ms = self.limiter.try_acquire(f"tok:{caller.tenant}", cost, now, token_limit)

@@ -55,6 +55,15 @@ _FINISH = {"stop": gateway_pb2.FINISH_REASON_STOP, "length": gateway_pb2.FINISH_
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
+# (caller, prompt + output tokens) -> None; raises GatewayError (RESOURCE_EXHAUSTED) when the
+# tenant's token budget is spent.
+ChargeTokens = Callable[[Caller, int], None]
+
+
+def no_token_limit(caller: Caller, tokens: int) -> None:
+    """Development mode (no key store): tokens are not rate limited."""
+
+
 @dataclass(frozen=True)
 class ChatCall:
     """A chat request with its transport facts."""
@@ -145,6 +154,7 @@ class Gateway:
             str, tuple[grpc.aio.Channel, gateway_pb2_grpc.GatewayServiceAsyncStub]
         ] = {}
         self.admission_ok: bool | None = None  # last Admit reached admission (None: not yet)
+        self.charge_tokens: ChargeTokens = no_token_limit  # set when keys carry token limits
         self._background: set[asyncio.Future[Any]] = set()  # releases outliving their caller
 
     async def close(self) -> None:
@@ -168,6 +178,7 @@ class Gateway:
         """Stream the answer; raises GatewayError (before or after the first message)."""
         request = call.request
         prompt, max_tokens, tokens = _validate(request, self.catalog)
+        self.charge_tokens(call.caller, len(tokens) + max_tokens)
         request_id = call.request_id or uuid.uuid4().hex
         context = self._context(call, tokens, max_tokens, request_id)
         for attempt in range(1, self._max_attempts + 1):

@@ -26,6 +26,7 @@ from spillgate.gateway.auth import (
     RateLimited,
     TenantLimits,
 )
+from spillgate.gateway.chat import ChargeTokens
 from spillgate.gateway.errors import GatewayError
 from spillgate.gateway.service import Authenticate
 from spillgate.gateway.sqlite_keys import SQLiteKeyStore
@@ -102,8 +103,9 @@ def authenticate_with(
     return authenticate
 
 
-def key_authenticator(path: Path) -> tuple[Authenticate, SQLiteKeyStore]:
-    """`(authenticate, store)` for the key store file at `path`; close the store when done.
+def key_authenticator(path: Path) -> tuple[Authenticate, SQLiteKeyStore, ChargeTokens]:
+    """`(authenticate, store, charge_tokens)` for the key store at `path`; close the store
+    when done.
 
     The store is created when missing (empty: every key is refused until `spillgate keys
     create` adds one). Lookups are cached for LOOKUP_CACHE_S seconds: a new key works at
@@ -112,5 +114,20 @@ def key_authenticator(path: Path) -> tuple[Authenticate, SQLiteKeyStore]:
     store = SQLiteKeyStore(path)
     if not store.list():
         log.warning("key store %s has no keys: every request will get 401", path)
-    cached = CachedLookups(store)
-    return authenticate_with(Authenticator(cached, TokenBuckets())), store
+    authenticator = Authenticator(CachedLookups(store), TokenBuckets())
+    return authenticate_with(authenticator), store, charge_tokens_with(authenticator)
+
+
+def charge_tokens_with(
+    authenticator: Authenticator, clock: Callable[[], float] = time.monotonic
+) -> ChargeTokens:
+    """A `ChargeTokens` that spends the tenant's token budget (GatewayError when over)."""
+
+    def charge(caller: Caller, tokens: int) -> None:
+        try:
+            authenticator.charge_tokens(caller, clock(), tokens)
+        except AccessError as exc:
+            retry_after_ms = exc.retry_after_ms if isinstance(exc, RateLimited) else 0
+            raise GatewayError(exc.grpc_code, str(exc), retry_after_ms=retry_after_ms) from None
+
+    return charge

@@ -518,6 +518,8 @@ class TritonPassthrough(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         else:
             # No prompt to count: the request's size stands in for its cost.
             prompt_tokens, hashes, max_tokens = min(_elements(msg), 2**31), (), 1
+        if texts is not None:  # an LLM request: spend the tenant's token budget
+            self.gateway.charge_tokens(caller, prompt_tokens + max_tokens)
         priority = _priority(_attribute(msg, metadata, "priority")) or Priority.NORMAL
         context = common_pb2.RequestContext(
             request_id=msg.id or metadata.get("x-request-id", "") or uuid.uuid4().hex,
