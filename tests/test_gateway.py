@@ -43,6 +43,11 @@ def _entities(fleet: Fleet) -> list[registry_pb2.Entity]:
         region("eu", "us"),
         *fh.model("llm-small"),
         fh.alias("chat", "llm-small", "v1"),
+        registry_pb2.Entity(
+            placement=registry_pb2.Placement(
+                model="llm-small", version="v1", region="us", pool="default", max_replicas=4
+            )
+        ),
         *(
             fh.replica(rid, rid.split("-")[0], rp, [("llm-small", "v1")])
             for rid, rp in fleet.replicas.items()
@@ -312,3 +317,27 @@ async def test_a_stream_longer_than_its_ticket_lease_keeps_the_ticket_renewed(
         assert not any("release of" in line for line in f.gateway.output)
     finally:
         f.stop()
+
+
+async def test_load_model_takes_a_pinned_version_onto_its_placements_replicas(
+    fleet: Fleet,
+) -> None:
+    async with grpc.aio.insecure_channel(fleet.gateway("us")) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        loaded = await stub.LoadModel(gateway_pb2.LoadModelRequest(model="llm-small@v1"))
+        assert sorted(loaded.replicas) == ["us-0", "us-1"]
+        one = await stub.LoadModel(
+            gateway_pb2.LoadModelRequest(model="llm-small@v1", replica="us-1")
+        )
+        assert list(one.replicas) == ["us-1"]
+        for request, code in (
+            (gateway_pb2.LoadModelRequest(model="chat"), grpc.StatusCode.INVALID_ARGUMENT),
+            (gateway_pb2.LoadModelRequest(model="llm-small@v9"), grpc.StatusCode.NOT_FOUND),
+            (
+                gateway_pb2.LoadModelRequest(model="llm-small@v1", region="eu"),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.LoadModel(request)
+            assert err.value.code() == code, request

@@ -105,6 +105,25 @@ class ModelCatalog:
                 out.append(listing)
         return out
 
+    def version(self, pinned: str) -> registry_pb2.Version:
+        """The Version entity of "name@version"; NOT_FOUND when unknown."""
+        entity = self.state.get((VERSION, pinned))
+        if entity is None:
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"unknown model version {pinned!r}")
+        version: registry_pb2.Version = entity.version
+        return version
+
+    def placement_pools(self, pinned: str, region: str) -> set[str]:
+        """Pools of `region` the placement of "name@version" assigns."""
+        model, _, version = pinned.partition("@")
+        return {
+            e.placement.pool
+            for (kind, _), e in self.state.items()
+            if kind == PLACEMENT
+            and (e.placement.model, e.placement.version, e.placement.region)
+            == (model, version, region)
+        }
+
     def ready_replicas(self, region: str) -> list[registry_pb2.Replica]:
         return [
             e.replica

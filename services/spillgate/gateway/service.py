@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
 from spillgate._proto import common_pb2, gateway_pb2, gateway_pb2_grpc
 from spillgate.core.decision import Priority
@@ -159,6 +160,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def _repository(self, request: Any, context: Context, load: bool) -> list[str]:
+        """Load/unload a pinned version on the replicas its placement in this region assigns
+        (or on one replica); returns the replicas that did it."""
         self._authenticate(_metadata(context), "admin")
         region = request.region or self.gateway.region
         if region != self.gateway.region:
@@ -166,24 +169,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"region: this gateway serves {self.gateway.region!r}; ask {region!r}'s gateway",
             )
+        if "@" not in request.model:
+            raise GatewayError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "model: a pinned name@version is required (aliases are not loadable)",
+                field="model",
+            )
+        version = self.gateway.catalog.version(request.model)  # NOT_FOUND when unknown
+        pools = self.gateway.catalog.placement_pools(request.model, region)
         replicas = [
             r
             for r in self.gateway.catalog.ready_replicas(region)
-            if not request.replica or r.id == request.replica
+            if (r.id == request.replica if request.replica else r.pool in pools)
         ]
         if request.replica and not replicas:
             raise GatewayError(
                 grpc.StatusCode.NOT_FOUND, f"replica {request.replica!r} not ready in {region}"
             )
-        if not request.model:
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "model: required", field="model")
-        done = []
+        if not replicas:
+            raise GatewayError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{request.model} has no placement with ready replicas in {region}",
+            )
+        done: list[str] = []
         for replica in replicas:
             client: aioclient.InferenceServerClient = self.gateway.replicas.client(replica.endpoint)
-            if load:
-                await client.load_model(request.model)
-            else:
-                await client.unload_model(request.model)
+            try:
+                if load:
+                    await client.load_model(version.triton_model_name, client_timeout=60)
+                else:
+                    await client.unload_model(version.triton_model_name, client_timeout=60)
+            except InferenceServerException as exc:
+                log.warning("%s of %s on %s failed: %s", "load" if load else "unload",
+                            request.model, replica.id, exc)  # fmt: skip
+                raise GatewayError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"replica {replica.id} refused it; done so far: {', '.join(done) or 'none'}",
+                ) from None
             done.append(replica.id)
         return done
 
