@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission bench-gateway bench-envoy bench-controlplane sim bench-sim clean
+.PHONY: venv up replica test lint typecheck buf-lint protos protos-check breaking pytest bench bench-replica bench-registry bench-policy bench-admission bench-gateway bench-envoy bench-controlplane sim bench-sim bench-sim-fidelity clean
 
 venv: $(STAMP)
 
@@ -98,6 +98,10 @@ sim: venv
 # Simulator speed: simulated requests per wall second at full scale (steady, 10 s, ~10 min).
 bench-sim: venv
 	$(BIN)/python bench/sim_speed.py $(ARGS)
+
+# Simulator vs real replica processes behind the admission service (p50/p99 TTFT, e2e).
+bench-sim-fidelity: venv
+	$(BIN)/python bench/sim_fidelity.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

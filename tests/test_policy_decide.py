@@ -323,7 +323,8 @@ def _version_of(policy: Policy, session: str) -> str:
 def test_dry_run_changes_nothing() -> None:
     policy = make_policy()
     saturate(policy, 0.0)
-    one_token = neighbour("us-west", 0.0, free=5, ratio=0.5, versions=(V1,))  # 10 slots x 0.1
+    # 2 slots x overflow_fraction 0.3 < 1: the bucket holds its floor of one token.
+    one_token = neighbour("us-west", 0.0, free=1, ratio=0.5, versions=(V1,))
     policy.observe_neighbour(one_token, 0.0)
     dry = [policy.decide(req(request_id="same", model="chat"), 0.0, commit=False) for _ in range(5)]
     assert all(d == dry[0] for d in dry) and dry[0].action is Action.OVERFLOW
@@ -377,8 +378,10 @@ def test_summary_counts_stale_lanes_as_saturated() -> None:
     scrape(policy, 0.0, {"us-0": 2})
     fresh = {(m.model, m.version): m for m in policy.summary(0.0).models}
     v1 = fresh[("llama-8b", "v1")]
-    assert (v1.healthy_replicas, v1.free_slots) == (4, 30)
-    assert v1.headroom_ratio == pytest.approx(30 / 32)
+    # Headroom = slots an overflowed NORMAL request may take: floor(8 x (1 - 0.05 NORMAL
+    # reserve - 0.1 overflow-in reserve)) = 6 per replica, minus us-0's load of 2.
+    assert (v1.healthy_replicas, v1.free_slots) == (4, 4 + 3 * 6)
+    assert v1.headroom_ratio == pytest.approx(22 / 32)
     stale = {(m.model, m.version): m for m in policy.summary(1.0).models}
     assert stale[("llama-8b", "v1")].free_slots == 0
     assert stale[("llama-8b", "v1")].headroom_ratio == 0.0
@@ -453,3 +456,80 @@ def test_lane_adopts_the_capacity_the_replica_reports() -> None:
     assert lane.slots == 2 and lane.rate == pytest.approx(2 / lane.service_ms)
     assert max(lane.usable) == 2
     assert lane.queue_ms(int(Priority.NORMAL)) > 0  # 5 in system, 2 slots: a new one waits
+
+
+def test_lanes_keep_their_tickets_across_a_fleet_change() -> None:
+    """A registry update must not strand live tickets on a copy of their lane: releasing
+    them after the rebuild frees the slot, so the replica does not look full for good."""
+    policy = make_policy()
+    scrape(policy, 0.0)
+    tickets = [policy.decide(req(), 0.0).ticket for _ in range(4)]
+    policy.set_fleet(make_fleet())  # same replicas, new registry revision
+    for t in tickets:
+        assert t is not None and policy.release(t.id, Outcome.OK, 0.1)
+    assert policy.in_flight == 0
+    v1 = {(m.model, m.version): m for m in policy.summary(0.1).models}[V1]
+    assert v1.free_slots == 4 * 6  # every V1 slot below the reserves is free again
+
+
+def test_overflow_in_leaves_the_reserve_to_local_traffic() -> None:
+    """An overflowed request (hops=1) may not take the slots kept for this region's own
+    users: with 6 of 8 slots busy a local NORMAL request is served, a spilled one is not."""
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys(("us-0", "us-1", "us-2", "us-3"), 6))
+    local = policy.decide(req(), 0.0, commit=False)
+    assert (local.action, local.reason) == (Action.SERVE, Reason.LOCAL_FIT)
+    spilled = policy.decide(req(hops=1, origin_region="eu"), 0.0, commit=False)
+    assert spilled.action is Action.SHED and spilled.reason is Reason.NO_HEADROOM
+    scrape(policy, 0.05, dict.fromkeys(("us-0", "us-1", "us-2", "us-3"), 5))
+    spilled = policy.decide(req(hops=1, origin_region="eu", arrival=0.05), 0.05)
+    assert (spilled.action, spilled.reason) == (Action.SERVE, Reason.LOCAL_FIT)
+    assert policy.overflow_in_total == 1
+
+
+def test_summary_headroom_is_what_an_overflowed_request_may_take() -> None:
+    """Published headroom and queue wait use the overflow-in class: a region whose free
+    slots are all in its reserve advertises none (neighbours' hysteresis stops the spill)."""
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys(("us-0", "us-1", "us-2", "us-3"), 6))
+    v1 = {(m.model, m.version): m for m in policy.summary(0.0).models}[V1]
+    assert v1.free_slots == 0 and v1.headroom_ratio == 0.0
+    assert v1.predicted_queue_ms > 0
+
+
+def test_breaker_probes_as_soon_as_a_silent_replica_answers_again() -> None:
+    """A replica that went silent (stale signals) and answers its scrape again gets one
+    probe right away instead of after the 30 s ejection; the probe's result decides."""
+    policy = make_policy()
+    scrape(policy, 0.0)
+    for _ in range(5):
+        policy.record_result("us-0", False, 0.0)  # its in-flight requests failed: open
+    others = ("us-1", "us-2", "us-3", "us-4", "us-5")
+    scrape(policy, 1.0, replicas=others)  # us-0 down: no answer, its signals go stale
+    assert "us-0" not in {policy.decide(req(arrival=1.0), 1.0).replica for _ in range(6)}
+    scrape(policy, 2.0)  # us-0 is back
+    replicas = [policy.decide(req(arrival=2.0), 2.0) for _ in range(8)]
+    probes = [d for d in replicas if d.replica == "us-0"]
+    assert len(probes) == 1  # half-open: exactly one trial request
+    ticket = probes[0].ticket
+    assert ticket is not None and policy.release(ticket.id, Outcome.OK, 2.5)
+    scrape(policy, 2.5)
+    after = [policy.decide(req(arrival=2.5), 2.5).replica for _ in range(8)]
+    assert after.count("us-0") >= 2  # the probe succeeded: closed, a full member again
+
+
+def test_breaker_recovered_goes_half_open_and_a_failed_probe_reopens() -> None:
+    from spillgate.core.breaker import Breaker, BreakerState
+    from spillgate.core.policy_config import BreakerConfig
+
+    breaker = Breaker(BreakerConfig(failure_threshold=1, open_s=30.0))
+    breaker.recovered(0.0)  # closed: nothing to do
+    assert breaker.state(0.0) is BreakerState.CLOSED
+    breaker.record(False, 1.0)
+    assert not breaker.allows(2.0)
+    breaker.recovered(2.0)
+    assert breaker.state(2.0) is BreakerState.HALF_OPEN and breaker.allows(2.0)
+    breaker.on_attempt(2.0)
+    assert not breaker.allows(2.0)  # one probe at a time
+    breaker.record(False, 3.0)
+    assert breaker.state(3.0) is BreakerState.OPEN and not breaker.allows(32.9)

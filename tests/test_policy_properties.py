@@ -64,6 +64,8 @@ def simulate(seed: int, steps: int = 250, dry_runs: bool = False) -> Trace:
                 name = TRITON[MODEL_OF.get(rid, V1)]
                 ml = ModelLoad(running=min(load, 8), waiting=max(0, load - 8))
                 policy.observe_signals(rid, Signals(now, {name: ml}), now)
+                if rid in breakers and scraped.get(rid, -1e9) < now - CFG.stale_after_s:
+                    breakers[rid].recovered(now)  # a silent replica answers again: probe
                 scraped[rid] = now
         elif op < 0.31:
             region = rnd.choice(["us-west", "eu", "apac"])

@@ -51,6 +51,18 @@ class Breaker:
         probes = self._probes if self._state is BreakerState.HALF_OPEN else 0
         return probes < self._cfg.half_open_probes
 
+    def recovered(self, now: float) -> None:
+        """The target showed signs of life again (it answers its load scrape after having
+        gone silent): an OPEN breaker goes HALF_OPEN now instead of after ``open_s``.
+
+        The trial requests still decide: a success closes the breaker, a failure re-opens
+        it for a full ``open_s``. Without this a replica that crashed and restarted sat idle
+        for the whole ejection time (Envoy un-ejects on a passing active health check for the
+        same reason: ``successful_active_health_check_uneject_host``).
+        """
+        if self.state(now) is BreakerState.OPEN:
+            self._state, self._probes = BreakerState.HALF_OPEN, 0
+
     def on_attempt(self, now: float) -> None:
         """Record that a request was sent (takes a probe while half-open)."""
         if self.state(now) is BreakerState.HALF_OPEN:

@@ -110,6 +110,8 @@ class _Seq:
     done: bool = False  # finished or cancelled: its heap entries are stale
 
 
+_STARTED, _TOKEN, _FINISHED = EventKind.STARTED, EventKind.TOKEN, EventKind.FINISHED
+
 # (time, insertion number, sequence, kind, token index); the unique insertion number makes
 # ordering total and deterministic, so the tuple never compares the _Seq.
 _Item = tuple[float, int, _Seq, EventKind, int]
@@ -261,24 +263,29 @@ class Engine:
         if math.isnan(now) or now < self._now:
             raise ValueError(f"now={now} is earlier than the engine time {self._now}")
         self._now = now
-        while self._heap and self._heap[0][0] <= now:
-            time, _, seq, kind, index = heapq.heappop(self._heap)
+        heap = self._heap
+        # Hot loop (the global simulator runs millions of these): locals, no helper calls
+        # on the common paths; same events in the same order as the straightforward version.
+        outbox, pop = self._outbox, heapq.heappop
+        while heap and heap[0][0] <= now:
+            time, _, seq, kind, index = pop(heap)
             if seq.done:
                 continue
-            sid, last = seq.req.id, seq.req.output_tokens - 1
-            if kind is EventKind.STARTED:
-                self._emit(EventKind.STARTED, sid, time, cached_tokens=seq.cached_tokens)
+            req = seq.req
+            sid, last = req.id, req.output_tokens - 1
+            if kind is _STARTED:
+                outbox.append(EngineEvent(_STARTED, sid, time, -1, seq.cached_tokens))
                 continue
-            if kind is EventKind.TOKEN:
-                self._emit(EventKind.TOKEN, sid, time, token_index=index)
-            if kind is EventKind.FINISHED or index == last:
+            if kind is _TOKEN:
+                outbox.append(EngineEvent(_TOKEN, sid, time, index))
+            if kind is _FINISHED or index == last:
                 self._finish(seq, time)
             elif self._cfg.token_events:
                 gap = self.itl_ms(len(self._running)) * self._jitter()
-                self._push(time + gap, seq, EventKind.TOKEN, index + 1)
+                self._push(time + gap, seq, _TOKEN, index + 1)
             else:
                 gap = self.itl_ms(len(self._running)) * self._jitter_sum(last - index)
-                self._push(time + gap, seq, EventKind.FINISHED, last)
+                self._push(time + gap, seq, _FINISHED, last)
 
     def _jitter(self) -> float:
         if self._cfg.jitter == 0:
@@ -316,40 +323,53 @@ class Engine:
             self._start(self._waiting.popleft(), now)
 
     def _match(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        refs = self._refs
         n = 0
-        while n < len(hashes) and hashes[n] in self._refs:
+        for h in hashes:
+            if h not in refs:
+                break
             n += 1
         return hashes[:n]
 
     def _can_start(self, req: SeqRequest) -> bool:
         if len(self._running) >= self._cfg.max_num_seqs:
             return False
-        matched = self._match(req.block_hashes)
+        # The prefix walk and the count of matched blocks sitting in the LRU in one pass:
+        # matched blocks in the LRU are reused, not evicted, so they don't count twice.
+        refs = self._refs
+        matched = unreferenced = 0
+        for h in req.block_hashes:
+            r = refs.get(h)
+            if r is None:
+                break
+            matched += 1
+            if r == 0:
+                unreferenced += 1
         needed = -(-(req.prompt_tokens + req.output_tokens) // self._cfg.block_size)
-        # Matched blocks that sit in the LRU are reused, not evicted: don't count them twice.
-        evictable = len(self._lru) - sum(1 for h in matched if self._refs[h] == 0)
-        return needed - len(matched) <= self._free + evictable
+        evictable = len(self._lru) - unreferenced
+        return needed - matched <= self._free + evictable
 
     def _start(self, seq: _Seq, now: float) -> None:
         req = seq.req
+        refs, lru = self._refs, self._lru
         matched = self._match(req.block_hashes)
         for h in matched:
-            if self._refs[h] == 0:
-                del self._lru[h]
-            self._refs[h] += 1
+            if refs[h] == 0:
+                del lru[h]
+            refs[h] += 1
         new = seq.blocks_needed - len(matched)
         while self._free < new:
-            evicted, _ = self._lru.popitem(last=False)
-            del self._refs[evicted]
+            evicted, _ = lru.popitem(last=False)
+            del refs[evicted]
             self._free += 1
         self._free -= new
         # Like vLLM v1, newly allocated full prompt blocks enter the cache at scheduling time,
         # so concurrent requests with the same prefix share them. A hash already present past
         # the first miss (impossible for a real chain; hashes come from callers) keeps its
         # entry and our copy stays private, so the hash -> block map stays unique.
-        registered = [h for h in req.block_hashes[len(matched) :] if h not in self._refs]
+        registered = [h for h in req.block_hashes[len(matched) :] if h not in refs]
         for h in registered:
-            self._refs[h] = 1
+            refs[h] = 1
         seq.hashes = matched + tuple(registered)
         seq.private = seq.blocks_needed - len(seq.hashes)
         seq.cached_tokens = len(matched) * self._cfg.block_size
@@ -365,10 +385,12 @@ class Engine:
     def _release(self, seq: _Seq) -> None:
         # Tail blocks first, so they are older in the LRU and evicted before the prefix they
         # extend: evicting a parent would strand its children (unreachable by the walk).
+        refs, lru = self._refs, self._lru
         for h in reversed(seq.hashes):
-            self._refs[h] -= 1
-            if self._refs[h] == 0:
-                self._lru[h] = None
+            r = refs[h] - 1
+            refs[h] = r
+            if r == 0:
+                lru[h] = None
         self._free += seq.private
         seq.hashes, seq.private = (), 0
 

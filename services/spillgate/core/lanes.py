@@ -23,6 +23,16 @@ from spillgate.core.policy_config import PolicyConfig
 from spillgate.core.signals import ModelLoad
 
 _SCALE_MIN, _SCALE_MAX = 0.25, 8.0  # learned speed factors stay within sane bounds
+_INBOUND = len(Priority) + 1  # offset of the overflow-in slot classes in ``Lane.usable``
+
+
+def slot_class(priority: int, hops: int) -> int:
+    """Index into ``Lane.usable``: the priority, shifted for a request another region sent.
+
+    An overflowed request (hops >= 1) only takes capacity the region does not need for its
+    own users: ``PolicyConfig.overflow_in_reserve`` more slots stay free for local traffic.
+    """
+    return priority if hops == 0 else priority + _INBOUND
 
 
 class Lane:
@@ -31,6 +41,7 @@ class Lane:
     __slots__ = (
         "_alpha",
         "_decay_s",
+        "_inbound_reserve",
         "_itl_base0",
         "_itl_per_seq0",
         "_prefill0",
@@ -78,6 +89,7 @@ class Lane:
             1, int(kv * config.prefix_index_fraction) // config.prefix_index_stride
         )
         self._reserve = tuple(config.priority_reserve.items())
+        self._inbound_reserve = config.overflow_in_reserve
         self.usable = self._usable()
         self.scraped = 0
         self.signal_time = -math.inf
@@ -100,10 +112,14 @@ class Lane:
 
     def _usable(self) -> tuple[int, ...]:
         # Slots a priority may fill before it must wait: the reserve keeps the last ones for
-        # more important traffic (index = Priority value; 0 unused).
-        usable = [self.slots] * (len(Priority) + 1)
+        # more important traffic (index = slot_class(priority, hops); 0 unused). Overflow-in
+        # classes keep overflow_in_reserve more back, so a neighbour's spill can never take
+        # the slots this region's own next arrivals need.
+        usable = [self.slots] * (2 * _INBOUND)
         for prio, frac in self._reserve:
             usable[prio] = max(1, math.floor(self.slots * (1.0 - frac)))
+            inbound = max(0.0, 1.0 - frac - self._inbound_reserve)
+            usable[prio + _INBOUND] = max(1, math.floor(self.slots * inbound))
         return tuple(usable)
 
     def set_slots(self, slots: int) -> None:
@@ -159,7 +175,7 @@ class Lane:
         return self.breaker is None or self.breaker.allows(now)
 
     def queue_ms(self, priority: int) -> float:
-        """Predicted wait before a new request of ``priority`` gets a slot."""
+        """Predicted wait before a new request of slot class ``priority`` gets a slot."""
         ahead = self.load - self.usable[priority] + 1
         return ahead / self.rate if ahead > 0 else 0.0
 
@@ -195,6 +211,13 @@ class Lane:
             scale = _clamp(cur + a * (ratio - cur))
             self.itl_base = self._itl_base0 * scale
             self.itl_per_seq = self._itl_per_seq0 * scale
+
+    def refresh(self, replica: ReplicaInfo, info: VersionInfo) -> None:
+        """Take a newer registry record of the same (replica, model, version); load,
+        signals, learned rates and the capacity the replica reported carry on."""
+        self.endpoint = replica.endpoint
+        self.triton_model_name = info.triton_model_name
+        self.triton_model_version = info.triton_model_version
 
     def adopt(self, old: Lane) -> None:
         """Carry load, signals and learned rates over from the lane this one replaces."""

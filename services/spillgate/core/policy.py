@@ -29,6 +29,7 @@ from spillgate.core.decision import (
 )
 from spillgate.core.errors import NoFleet
 from spillgate.core.fleet import FleetView
+from spillgate.core.lanes import slot_class
 from spillgate.core.overflow import NeighbourState, NeighbourSummary, TokenBucket
 from spillgate.core.placement import NO_CANDIDATES, Pick, Scan, scan
 from spillgate.core.policy_config import PolicyConfig
@@ -90,9 +91,17 @@ class Policy:
         self._lanes.rebuild(fleet, self._region, self._prefix, self._breakers)
 
     def observe_signals(self, replica: str, signals: Signals, now: float) -> None:
-        """Apply one scrape of ``replica`` (freshness counts from ``signals.time``)."""
+        """Apply one scrape of ``replica`` (freshness counts from ``signals.time``).
+
+        A replica whose signals were stale (it stopped answering) and are fresh again has
+        come back: its open breaker lets a probe through now (``Breaker.recovered``).
+        """
+        fresh_after = now - self._cfg.stale_after_s
         for lane in self._lanes.of_replica(replica):
+            was_stale = lane.signal_time < fresh_after
             lane.observe(signals.load(lane.triton_model_name), min(signals.time, now))
+            if was_stale and lane.signal_time >= fresh_after and lane.breaker is not None:
+                lane.breaker.recovered(now)
 
     def observe_neighbour(self, summary: NeighbourSummary, now: float) -> None:
         """Take a neighbour's RegionSummary (updates hysteresis and its overflow bucket)."""
@@ -183,10 +192,10 @@ class Policy:
             target = self._queued_targets.pop(entry.seq)
             detail = f"left the queue ({reason.value})"
             out.append((entry.request, self._shed_entry(entry, target, reason, detail, now)))
-        blocked: set[tuple[str, str, int]] = set()
+        blocked: set[tuple[str, str, int]] = set()  # (model, version, slot class)
         for entry in list(self._queue.ordered()):
             req, target = entry.request, self._queued_targets[entry.seq]
-            key = (target.model, target.version, int(req.priority))
+            key = (target.model, target.version, slot_class(req.priority, req.hops))
             if key in blocked:
                 continue  # an earlier entry of the same version and priority could not start
             remaining = req.remaining_ms(now)
@@ -323,7 +332,8 @@ class Policy:
             depth, holders = self._prefix.match(mask, hashes, cfg.min_prefix_blocks)
             cached = min(depth * req.block_size_tokens, req.prompt_tokens)
         return scan(
-            lanes, now, now - cfg.stale_after_s, int(req.priority), req.prompt_tokens, tokens,
+            lanes, now, now - cfg.stale_after_s, slot_class(req.priority, req.hops),
+            req.prompt_tokens, tokens,
             remaining, cfg.epsilon, holders, cached, target.session_replica,
         )  # fmt: skip
 

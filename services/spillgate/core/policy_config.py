@@ -84,7 +84,14 @@ class PolicyConfig:
     prefix_index_stride: int = 4
     session_capacity: int = 100_000  # session table entries (LRU)
     # Overflow: at most this fraction of a neighbour's concurrent capacity per refill window.
-    overflow_fraction: float = 0.1
+    # The bucket is the backstop for what a summary cannot see (one summary interval plus the
+    # RTT of blindness, other origins spilling at the same time); the neighbour's advertised
+    # headroom, its hysteresis and its overflow-in reserve already keep the sustained spill
+    # within what it can spare. 0.1 made the bucket the binding limit instead: an origin at
+    # 1.7x its capacity could move only ~10 % of a quiet neighbour's throughput and shed the
+    # rest. 0.3 slots per second is about a third of a neighbour's throughput per origin at
+    # ~1 s service times, so two origins together still leave it a third for its own users.
+    overflow_fraction: float = 0.3
     overflow_refill_s: float = 1.0
     # Hysteresis on a neighbour's headroom ratio: start overflowing at >= enter, stop < exit.
     hysteresis_enter: float = 0.2
@@ -103,6 +110,13 @@ class PolicyConfig:
     priority_reserve: Mapping[Priority, float] = field(
         default_factory=lambda: _per_priority(0.0, 0.0, 0.05, 0.15, 0.3)
     )
+    # Overflow-in reserve: a request another region spilled here (hops >= 1) may not take
+    # the last fraction of a replica's slots on top of its priority reserve. Spill is a favour
+    # to a neighbour; this region's own users, who have nowhere closer to go, keep first call
+    # on the capacity they will need before the next RegionSummary (100 ms) reaches the
+    # origin and its hysteresis stops the spill. The summary's headroom counts only the
+    # slots below this reserve, so what a neighbour sees is what it may actually take.
+    overflow_in_reserve: float = 0.1
     scrape_interval_s: float = 0.05  # world.toml baseline.llmd_weighted.scrape_interval_ms
     stale_after_s: float = 0.2  # world.toml baseline.llmd_weighted.stale_after_ms (4 scrapes)
     neighbour_stale_s: float = 1.0  # a RegionSummary older than this counts as no headroom
@@ -149,6 +163,8 @@ class PolicyConfig:
             _check(name, getattr(self, name), low=0.0, strict=True)
         for name in ("epsilon", "min_prefix_blocks", "min_degrade_tokens", "learned_decay_s"):
             _check(name, getattr(self, name), low=0.0)
+        if not 0 <= self.overflow_in_reserve < 1:
+            raise ValueError("overflow_in_reserve must be >= 0 and < 1")
         for name in ("overflow_fraction", "hysteresis_exit", "hysteresis_enter", "ewma_alpha"):
             _check(name, getattr(self, name), low=0.0, high=1.0)
         if self.hysteresis_exit > self.hysteresis_enter:

@@ -23,7 +23,7 @@ from spillgate.core.decision import (
 )
 from spillgate.core.errors import PolicyError
 from spillgate.core.fleet import FleetView, ModelInfo, VersionInfo
-from spillgate.core.lanes import Lane
+from spillgate.core.lanes import Lane, slot_class
 from spillgate.core.overflow import NeighbourState
 from spillgate.core.placement import Pick, Scan, max_tokens_that_fit
 from spillgate.core.policy_config import PolicyConfig
@@ -128,7 +128,12 @@ def capped_pick(
     """DEGRADE by max_tokens: (capped tokens, pick) when a shorter answer fits, else None."""
     fresh_after = now - cfg.stale_after_s
     capped, pick = max_tokens_that_fit(
-        lanes, now, fresh_after, int(req.priority), req.prompt_tokens, remaining
+        lanes,
+        now,
+        fresh_after,
+        slot_class(req.priority, req.hops),
+        req.prompt_tokens,
+        remaining,
     )
     if pick is None or capped < max(cfg.min_degrade_tokens, 1) or capped >= tokens:
         return None

@@ -10,7 +10,7 @@ from spillgate.core.affinity import PrefixIndex
 from spillgate.core.breaker import Breaker
 from spillgate.core.decision import Estimate, Priority, Request
 from spillgate.core.fleet import FleetView, RegionInfo
-from spillgate.core.lanes import Lane
+from spillgate.core.lanes import Lane, slot_class
 from spillgate.core.overflow import ModelHeadroom, NeighbourState, NeighbourSummary
 from spillgate.core.policy_config import PolicyConfig
 
@@ -18,8 +18,9 @@ from spillgate.core.policy_config import PolicyConfig
 class LaneSet:
     """Lanes of one region, indexed by (model, version) and by replica.
 
-    Rebuilt on every fleet change (not per decision); lanes that survive a rebuild keep
-    their load, signals and learned rates; lane ids are never reused.
+    Rebuilt on every fleet change (not per decision); lanes that survive a rebuild are the
+    same objects (their load, signals, learned rates and the tickets on them carry on);
+    lane ids are never reused.
     """
 
     def __init__(self, config: PolicyConfig) -> None:
@@ -42,12 +43,16 @@ class LaneSet:
             info = fleet.versions[(model, version)]
             for rep in fleet.serving(region, model, version):
                 key = (rep.id, model, version)
-                self._next_id += 1
-                lane = Lane(self._next_id, rep, info, self._cfg)
-                previous = old.get(key)
-                if previous is not None:
-                    lane.id = previous.id  # keeps its prefix-index entries
-                    lane.adopt(previous)
+                lane = old.get(key)
+                if lane is not None:
+                    # The same object, not a copy: live tickets hold a reference to their
+                    # lane and release into it. A copy left them releasing into a dead
+                    # object, so the live lane's own in-flight floor only ever grew and
+                    # the replica looked full for good after any fleet change.
+                    lane.refresh(rep, info)
+                else:
+                    self._next_id += 1
+                    lane = Lane(self._next_id, rep, info, self._cfg)
                 lane.breaker = breakers.get(rep.id)
                 lane.draining = rep.id in self._draining
                 prefix.add_lane(lane.id, lane.kv_blocks)
@@ -157,6 +162,11 @@ def build_summary(
 ) -> NeighbourSummary:
     """This region's summary; stale/unavailable lanes contribute no headroom."""
     fresh_after = now - cfg.stale_after_s
+    # Headroom is what a neighbour's overflowed request may actually take: free slots of the
+    # overflow-in class of a NORMAL request (below its priority and overflow-in reserves),
+    # not raw free slots. Counting raw free slots advertised capacity this region keeps for
+    # its own users, so neighbours spilled into it and its own traffic queued behind them.
+    inbound = slot_class(Priority.NORMAL, 1)
     healthy_replicas: set[str] = set()
     models: list[ModelHeadroom] = []
     depth_total = queue_depth
@@ -164,7 +174,7 @@ def build_summary(
         healthy = [lane for lane in group if lane.available(now, fresh_after)]
         healthy_replicas.update(lane.replica for lane in healthy)
         capacity = sum(lane.slots for lane in healthy)
-        free = sum(max(0, lane.slots - lane.load) for lane in healthy)
+        free = sum(max(0, lane.usable[inbound] - lane.load) for lane in healthy)
         depth = sum(max(0, lane.load - lane.slots) for lane in healthy)
         depth_total += depth
         n = len(healthy)
@@ -175,9 +185,7 @@ def build_summary(
                 healthy_replicas=len({lane.replica for lane in healthy}),
                 free_slots=free,
                 headroom_ratio=free / capacity if capacity else 0.0,
-                predicted_queue_ms=min(
-                    (lane.queue_ms(Priority.NORMAL) for lane in healthy), default=0.0
-                ),
+                predicted_queue_ms=min((lane.queue_ms(inbound) for lane in healthy), default=0.0),
                 queue_depth=depth,
                 prefill_ms_per_1k_tokens=(
                     sum(lane.prefill_per_token for lane in healthy) * 1000.0 / n if n else 0.0

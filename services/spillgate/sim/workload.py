@@ -31,6 +31,7 @@ from spillgate.core.decision import Priority
 
 BLOCK = 64  # tokens per KV block (world.ENGINE_70B.block_size)
 _HIGH, _LOW, _SESSION = 1 << 40, 2 << 40, 3 << 40
+_NORMAL = int(Priority.NORMAL)
 
 
 class SimRequest:
@@ -185,6 +186,9 @@ class Workload:
         prios = list(spec.priorities.items())
         self._prio = [int(p) for p, _ in prios]
         self._prio_cum = list(itertools.accumulate(w for _, w in prios))
+        # Per-request constants looked up by plain int (an IntEnum call per request is slow).
+        self._budget_of = {int(p): v for p, v in budgets_ms.items()}
+        self._prefix: dict[tuple[int, int, int], tuple[int, ...]] = {}
         for r in regions:
             grid = [rate(r, t / 4.0) for t in range(int(duration_s * 4) + 2)]
             self._lmax[r] = max(grid) * 1.05 + 1e-9
@@ -223,10 +227,19 @@ class Workload:
             base, system, question = _HIGH, spec.high_system, spec.high_question
         else:
             base, system, question = _LOW, spec.low_system, spec.low_question
-        hashes = tuple(base + (g << 12) + i for i in range(system // BLOCK))
+        hashes = self._group_prefix(base, g, system // BLOCK)
         return self._request(
             region, t, rng, prio, system + question, hashes, shape, residency, "", degrade
         )
+
+    def _group_prefix(self, base: int, g: int, blocks: int) -> tuple[int, ...]:
+        # A group's shared prefix is the same tuple for every request of it: build it once.
+        key = (base, g, blocks)
+        hashes = self._prefix.get(key)
+        if hashes is None:
+            start = base + (g << 12)
+            hashes = self._prefix[key] = tuple(range(start, start + blocks))
+        return hashes
 
     def _session(
         self, region: str, t: float, rng: random.Random, prio: int, residency: str, degrade: bool
@@ -235,12 +248,13 @@ class Workload:
         sid = next(self._sessions)
         turns = min(12, 1 + int(rng.expovariate(1.0 / max(spec.session_turns_mean - 1, 1e-9))))
         g = rng.randrange(spec.groups)
-        system = tuple(_LOW + (g << 12) + i for i in range(spec.session_system // BLOCK))
+        system = self._group_prefix(_LOW, g, spec.session_system // BLOCK)
+        own_base = _SESSION + (sid << 8)
         history, at, first = 0, t, None
         for k in range(turns):
             prompt = spec.session_system + history + spec.session_question
             hist_blocks = (spec.session_system + history) // BLOCK - len(system)
-            own = tuple(_SESSION + (sid << 8) + i for i in range(min(hist_blocks, 255)))
+            own = tuple(range(own_base, own_base + min(hist_blocks, 255)))
             req = self._request(
                 region,
                 at,
@@ -276,12 +290,12 @@ class Workload:
         degrade: bool,
     ) -> SimRequest:
         spec = self._spec
-        interactive = prio <= Priority.NORMAL
+        interactive = prio <= _NORMAL
         choices = spec.interactive_max_tokens if interactive else spec.background_max_tokens
         max_tokens = choices[rng.randrange(len(choices))]
         lo, hi = spec.output_fraction
         out = max(1, round(max_tokens * rng.uniform(lo, hi)))
-        budget = self._budgets[Priority(prio)]
+        budget = self._budget_of[prio]
         return SimRequest(
             next(self._ids),
             region,
