@@ -35,6 +35,7 @@ from spillgate.controlplane.snapshot import (
     LISTENER,
     ROUTE,
     TYPE_ORDER,
+    BuildConfig,
     Snapshot,
     build_snapshot,
 )
@@ -412,3 +413,43 @@ def test_dump_prints_what_a_node_would_receive(mesh: Mesh) -> None:
     assert dumped["version"] == expected.version
     assert [c["name"] for c in dumped["Cluster"]] == list(expected.get(CLUSTER))
     assert dumped["Listener"][0]["address"]["socket_address"]["port_value"] == 10000
+
+
+def test_the_mesh_circuit_breaker_caps_the_spill_to_a_region(
+    mesh: Mesh, ads: AdsThread, envoys: Callable[[Bootstrap], EnvoyProcess]
+) -> None:
+    """At most `spill_max_requests` overflow streams to one neighbour at a time: the rest
+    are refused by Envoy (x-envoy-overloaded), never queued onto the neighbour."""
+    info = node("us", Role.MESH)
+    capped = BuildConfig(spill_max_requests=1, spill_max_pending=1)
+    ads.set(build_snapshot(mesh.state(), {}, Mode.LOCAL, info, capped))
+    envoy = envoys(bootstrap(info, f"127.0.0.1:{ads.port}"))
+    envoy.wait_ready()
+    hop = (("x-spillgate-destination-region", "eu"),)
+    assert eventually(lambda: gateway_health(info.grpc_port, hop)) == "eu"
+    request = gateway_pb2.ChatRequest(
+        model="chat",
+        messages=[gateway_pb2.ChatMessage(role="user", content="spill")],
+        max_tokens=120,
+        budget_ms=60_000,
+    )
+
+    async def one(stub: gateway_pb2_grpc.GatewayServiceAsyncStub) -> str:
+        try:
+            async for _ in stub.Chat(request, metadata=hop, timeout=30):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            headers = [*(exc.initial_metadata() or ()), *(exc.trailing_metadata() or ())]
+            overloaded = any(k == "x-envoy-overloaded" for k, _ in headers)
+            return "refused" if overloaded else exc.code().name
+        return "ok"
+
+    async def burst() -> list[str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{info.grpc_port}") as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            return await asyncio.gather(*(one(stub) for _ in range(6)))
+
+    outcomes = asyncio.run(burst())
+    assert outcomes.count("ok") >= 1, outcomes
+    assert outcomes.count("refused") >= 3, outcomes
+    assert set(outcomes) <= {"ok", "refused"}, outcomes
