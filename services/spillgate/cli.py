@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 import urllib.error
@@ -70,19 +71,61 @@ def _generate(args: argparse.Namespace) -> int:
     return generate(args.url, args.model, args.prompt, args.max_tokens)
 
 
-def _registry(args: argparse.Namespace) -> int:
-    from spillgate.registry.cli import main as registry_main
-
-    return registry_main(args.rest)
-
-
-# Handled by spillgate.fleet.cli (listed in the parser for --help).
-FLEET_COMMANDS = {
-    "up": "run the local multi-region fleet (registry, replicas, admissions, gateways)",
-    "down": "stop the fleet that `up --detach` started",
-    "endpoints": "the running fleet's endpoints (--json for scripts)",
-    "status": "regions, replicas, load, queues, KV use, overflow (--watch to refresh)",
-    "chat": 'ask the fleet: `spillgate chat "Hello" --region apac`',
+# Commands with their own parsers (and --help): words -> (module with `main(argv)`, the
+# argv it gets: "rest" = after the command words, "all" = the whole argv), help text.
+DELEGATED: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("registry",): (
+        "spillgate.registry.cli",
+        "rest",
+        "the fleet's source of truth: serve, apply -f FILE, get, watch, delete",
+    ),
+    ("keys",): (
+        "spillgate.gateway.keys_cli",
+        "rest",
+        "the gateway's API keys: create, list, revoke",
+    ),
+    ("admission", "serve"): (
+        "spillgate.admission.app",
+        "rest",
+        "one region's admission service: `spillgate admission serve --region R ...`",
+    ),
+    ("gateway", "serve"): (
+        "spillgate.gateway.app",
+        "rest",
+        "one region's public API (gRPC + OpenAI HTTP): `spillgate gateway serve ...`",
+    ),
+    ("controlplane",): (
+        "spillgate.controlplane.app",
+        "rest",
+        "Envoy's xDS control plane: `spillgate controlplane serve|dump --help`",
+    ),
+    ("sim",): (
+        "spillgate.sim.cli",
+        "rest",
+        "global simulator: spillgate vs baselines on scenario presets",
+    ),
+    # The local fleet (spillgate.fleet.cli parses the command word itself).
+    ("up",): (
+        "spillgate.fleet.cli",
+        "all",
+        "run the local multi-region fleet (registry, replicas, admissions, gateways, Envoy)",
+    ),
+    ("down",): ("spillgate.fleet.cli", "all", "stop the fleet that `up --detach` started"),
+    ("endpoints",): (
+        "spillgate.fleet.cli",
+        "all",
+        "the running fleet's endpoints (--json for scripts)",
+    ),
+    ("status",): (
+        "spillgate.fleet.cli",
+        "all",
+        "regions, replicas, load, queues, KV use, overflow (--watch to refresh)",
+    ),
+    ("chat",): (
+        "spillgate.fleet.cli",
+        "all",
+        'ask the fleet: `spillgate chat "Hello" --region apac`',
+    ),
 }
 
 
@@ -116,82 +159,24 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="llm-small")
     g.add_argument("--max-tokens", type=int, default=32)
     g.set_defaults(func=_generate)
-    reg = sub.add_parser(
-        "registry",
-        help="the fleet's source of truth: serve, apply -f FILE, get, watch, delete",
-        add_help=False,
-    )
-    reg.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate registry --help`")
-    reg.set_defaults(func=_registry)
-    k = sub.add_parser("keys", help="the gateway's API keys: create, list, revoke", add_help=False)
-    k.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate keys --help`")
-    k.set_defaults(func=lambda _: (print("usage: spillgate keys --help"), 2)[1])
-    a = sub.add_parser(
-        "admission",
-        help="one region's admission service: `spillgate admission serve --region R ...`",
-        add_help=False,
-    )
-    a.add_argument("rest", nargs=argparse.REMAINDER)
-    a.set_defaults(func=lambda _: (print("usage: spillgate admission serve --help"), 2)[1])
-    gw = sub.add_parser(
-        "gateway",
-        help="one region's public API (gRPC + OpenAI HTTP): `spillgate gateway serve ...`",
-        add_help=False,
-    )
-    gw.add_argument("rest", nargs=argparse.REMAINDER)
-    gw.set_defaults(func=lambda _: (print("usage: spillgate gateway serve --help"), 2)[1])
-    cp = sub.add_parser(
-        "controlplane",
-        help="Envoy's xDS control plane: `spillgate controlplane serve|dump --help`",
-        add_help=False,
-    )
-    cp.add_argument("rest", nargs=argparse.REMAINDER)
-    cp.set_defaults(func=lambda _: (print("usage: spillgate controlplane --help"), 2)[1])
-    sm = sub.add_parser(
-        "sim", help="global simulator: spillgate vs baselines on scenario presets", add_help=False
-    )
-    sm.add_argument("rest", nargs=argparse.REMAINDER, help="`spillgate sim --help`")
-    for name, text in FLEET_COMMANDS.items():
-        fleet = sub.add_parser(name, help=text, add_help=False)
-        fleet.add_argument("rest", nargs=argparse.REMAINDER, help=f"`spillgate {name} --help`")
+    for words, (_, _, text) in DELEGATED.items():
+        # Help-only entries: main() hands these commands to their own parsers.
+        sub.add_parser(words[0], help=text, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["registry"]:
-        # The registry has its own subcommands and options (incl. --help).
-        from spillgate.registry.cli import main as registry_main
-
-        return registry_main(argv[1:])
-    if argv[:1] == ["keys"]:
-        from spillgate.gateway.keys_cli import main as keys_main
-
-        return keys_main(argv[1:])
-    if argv[:1] and argv[0] in FLEET_COMMANDS:
-        # The local fleet: up, down, endpoints, status, chat (spillgate.fleet.cli).
-        from spillgate.fleet.cli import main as fleet_main
-
-        return fleet_main(argv)
-    if argv[:1] == ["sim"]:
-        from spillgate.sim.cli import main as sim_main
-
-        return sim_main(argv[1:])
-    if argv[:2] == ["gateway", "serve"]:
-        from spillgate.gateway.app import main as gateway_main
-
-        return gateway_main(argv[2:])
-    if argv[:1] == ["controlplane"]:
-        # serve | dump, with their own options (incl. --help).
-        from spillgate.controlplane.app import main as controlplane_main
-
-        return controlplane_main(argv[1:])
-    if argv[:2] == ["admission", "serve"]:
-        from spillgate.admission.app import main as admission_main
-
-        return admission_main(argv[2:])
+    for words, (module, passes, _) in DELEGATED.items():
+        if tuple(argv[: len(words)]) == words:
+            entry = importlib.import_module(module)
+            code: int = entry.main(argv[len(words) :] if passes == "rest" else argv)
+            return code
+    if argv[:1] in (["admission"], ["gateway"]):
+        print(f"usage: spillgate {argv[0]} serve --help", file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
-    code: int = args.func(args)
+    code = args.func(args)
     return code
 
 
