@@ -241,3 +241,19 @@ def test_gateway_http_endpoints_come_from_the_registry_and_the_override_wins() -
     assert INGRESS_GATEWAY_HTTP not in build_snapshot(world(), {}, Mode.PROD, INGRESS_US).get(
         CLUSTER
     )
+
+
+def test_ingress_strips_the_headers_only_gateway_hops_may_set() -> None:
+    """A client can't claim to be a hop (never overflowed) or pick its origin region."""
+    node = NodeInfo("us", Role.INGRESS, 10000, 10001)
+    ingress = build_snapshot(world(), {}, Mode.PROD, node, gateways_http={"us": "127.0.0.1:1"})
+    for name in ("ingress_grpc", "ingress_http"):
+        routes = ingress.get(ROUTE)[name]
+        assert isinstance(routes, route_pb2.RouteConfiguration)
+        assert list(routes.request_headers_to_remove) == [
+            "x-spillgate-hops",
+            "x-spillgate-origin-region",
+        ]
+    mesh = build_snapshot(world(), {}, Mode.PROD, MESH_US).get(ROUTE)["mesh"]
+    assert isinstance(mesh, route_pb2.RouteConfiguration)
+    assert not mesh.request_headers_to_remove  # hops between gateways keep them

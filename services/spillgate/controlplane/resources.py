@@ -287,11 +287,16 @@ def unavailable_route(message: str) -> route_components_pb2.Route:
 
 
 def route_config(
-    name: str, routes: Sequence[route_components_pb2.Route]
+    name: str,
+    routes: Sequence[route_components_pb2.Route],
+    strip_headers: Sequence[str] = (),
 ) -> route_pb2.RouteConfiguration:
+    """`routes` on any host; `strip_headers` are removed from every request first (an
+    ingress drops headers only spillgate's own hops may set)."""
     return route_pb2.RouteConfiguration(
         name=name,
         virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=routes)],
+        request_headers_to_remove=list(strip_headers),
     )
 
 

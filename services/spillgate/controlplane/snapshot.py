@@ -63,6 +63,9 @@ TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 DESTINATION_REGION_HEADER = "x-spillgate-destination-region"
 SESSION_HEADER = "x-session-id"
+# Set only by gateways on region-to-region hops: a client must not claim to be a hop (a
+# request with hops >= 1 is never overflowed) or pick its origin region.
+HOP_HEADERS = ("x-spillgate-hops", "x-spillgate-origin-region")
 INGRESS_GATEWAY = "ingress_gateway"
 INGRESS_GATEWAY_HTTP = "ingress_gateway_http"
 
@@ -317,6 +320,7 @@ def _ingress(
                 ),
                 res.grpc_route(INGRESS_GATEWAY),
             ],
+            strip_headers=HOP_HEADERS,
         )
     )
     out[LISTENER].append(res.listener("ingress_grpc", node.host, node.grpc_port, "ingress_grpc"))
@@ -326,7 +330,7 @@ def _ingress(
             http_routes = [res.grpc_route(INGRESS_GATEWAY_HTTP)]
         else:
             http_routes = [res.unavailable_route("no gateway HTTP endpoint is known")]
-        out[ROUTE].append(res.route_config("ingress_http", http_routes))
+        out[ROUTE].append(res.route_config("ingress_http", http_routes, HOP_HEADERS))
         out[LISTENER].append(
             res.listener("ingress_http", node.host, node.http_port, "ingress_http")
         )
