@@ -533,3 +533,87 @@ def test_breaker_recovered_goes_half_open_and_a_failed_probe_reopens() -> None:
     assert not breaker.allows(2.0)  # one probe at a time
     breaker.record(False, 3.0)
     assert breaker.state(3.0) is BreakerState.OPEN and not breaker.allows(32.9)
+
+
+# -- learned output length (PolicyConfig.output_ratio_*) -------------------------------------
+
+
+def _teach_output_ratio(policy: Policy, n: int, max_tokens: int, out: int) -> None:
+    """``n`` OK completions of ``out`` tokens for requests of ``max_tokens`` (8 ms ITL)."""
+    for _ in range(n):
+        d = policy.decide(req(max_tokens=max_tokens), 0.0)
+        assert d.action is Action.SERVE and d.ticket is not None
+        total = 30.0 + (out - 1) * 8.0
+        assert policy.release(
+            d.ticket.id, Outcome.OK, 0.5, ttft_ms=30.0, total_ms=total, output_tokens=out
+        )
+
+
+def test_plans_whole_max_tokens_until_enough_observations() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    _teach_output_ratio(policy, PolicyConfig().output_ratio_min_samples - 1, 100, 50)
+    assert policy.output_ratio("llama-8b", "v1") == 1.0
+    d = policy.decide(req(max_tokens=200), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.BUDGET_EXCEEDED)
+    assert d.estimate.decode_ms == pytest.approx(200 * 8.0)
+
+
+def test_short_completions_let_a_long_max_tokens_request_serve() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    before = policy.decide(req(max_tokens=200), 0.0, commit=False)
+    assert (before.action, before.reason) == (Action.SHED, Reason.BUDGET_EXCEEDED)
+    _teach_output_ratio(policy, 60, 100, 50)  # every answer stops at half its max_tokens
+    assert policy.output_ratio("llama-8b", "v1") == pytest.approx(0.5)
+    assert policy.output_ratio("llama-8b", "v2") == 1.0  # learned per model version
+    d = policy.decide(req(max_tokens=200), 0.0)
+    assert (d.action, d.reason) == (Action.SERVE, Reason.LOCAL_FIT)
+    assert d.estimate.decode_ms == pytest.approx(100 * 8.0)
+    assert d.estimate.decode_ms < before.estimate.decode_ms
+    assert d.estimate.total_ms <= 1200
+
+
+def test_degrade_caps_the_requests_max_tokens_not_the_planned_length() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    _teach_output_ratio(policy, 60, 100, 50)
+    d = policy.decide(req(allow_degrade=True, max_tokens=400), 0.0)
+    assert (d.action, d.reason) == (Action.DEGRADE, Reason.DEGRADE_MAX_TOKENS)
+    fit = int((1200 - 27.8) // 8)  # planned tokens that fit the budget
+    assert d.degrade is not None and d.degrade.max_tokens == 2 * fit  # ratio 0.5
+    assert d.estimate.total_ms <= 1200
+
+
+def test_output_ratio_never_below_the_floor() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    _teach_output_ratio(policy, 60, 100, 1)
+    assert policy.output_ratio("llama-8b", "v1") == PolicyConfig().output_ratio_floor
+    d = policy.decide(req(max_tokens=200), 0.0)
+    assert d.estimate.decode_ms == pytest.approx(50 * 8.0)
+
+
+def test_output_ratio_is_a_high_quantile_and_deterministic() -> None:
+    def run() -> tuple[float, list[tuple[Action, float]]]:
+        policy = make_policy()
+        scrape(policy, 0.0)
+        for out in (20, 40, 60, 80, 100) * 12:  # ratios 0.2..1.0, 60 observations
+            _teach_output_ratio(policy, 1, 100, out)
+        decisions = [policy.decide(req(max_tokens=m), 0.0) for m in (100, 140, 180)]
+        return policy.output_ratio("llama-8b", "v1"), [
+            (d.action, d.estimate.decode_ms) for d in decisions
+        ]
+
+    ratio, decisions = run()
+    assert ratio == pytest.approx(0.8)  # p80 of the window, far above the mean 0.6
+    assert (ratio, decisions) == run()
+
+
+def test_output_ratio_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="output_ratio_floor"):
+        PolicyConfig(output_ratio_floor=0.0).validate()
+    with pytest.raises(ValueError, match="output_ratio_quantile"):
+        PolicyConfig(output_ratio_quantile=1.5).validate()
+    with pytest.raises(ValueError, match="output_ratio_window"):
+        PolicyConfig(output_ratio_window=0).validate()

@@ -30,6 +30,7 @@ from spillgate.core.decision import (
 from spillgate.core.errors import NoFleet
 from spillgate.core.fleet import FleetView
 from spillgate.core.lanes import slot_class
+from spillgate.core.output_ratio import OutputRatio, planned_tokens
 from spillgate.core.overflow import NeighbourState, NeighbourSummary, TokenBucket
 from spillgate.core.placement import NO_CANDIDATES, Pick, Scan, scan
 from spillgate.core.policy_config import PolicyConfig
@@ -78,6 +79,7 @@ class Policy:
         prefix = f"{region}-{instance}" if instance else region
         self._tickets = TicketBook(region, config.ticket_lease_s, prefix)
         self._summary_seq = 0
+        self._ratios: dict[tuple[str, str], OutputRatio] = {}
         self.overflow_in_total = 0
         self.overflow_out_total = 0
 
@@ -150,14 +152,17 @@ class Policy:
         request.validate()
         target = self._resolve(fleet, request, commit)
         remaining = request.remaining_ms(now)
-        tokens = output_tokens(self._cfg, request, target.model_info)
+        max_out = output_tokens(self._cfg, request, target.model_info)
+        tokens = planned_tokens(max_out, self._ratio(target))
         local_ok = not request.residency_zone or request.residency_zone == self._zone
         local = NO_CANDIDATES
         if local_ok and remaining > 0:
             local = self._scan(target, request, tokens, remaining, now)
             if local.fits and local.pick is not None:
                 pick = local.pick
-                return self._serve(request, target, pick, remaining, now, commit, pick.reason)
+                return self._serve(
+                    request, target, pick, remaining, now, commit, pick.reason, max_out
+                )
         if request.hops == 0 and remaining > 0:
             overflow = self._overflow(fleet, request, target, tokens, remaining, now, commit)
             if overflow is not None:
@@ -176,7 +181,7 @@ class Policy:
                     return self._enqueue(request, target, local.pick, wait, remaining, now, commit)
                 queue_full = True
         if request.allow_degrade and remaining > 0:
-            degraded = self._degrade(fleet, request, target, tokens, remaining, now, commit)
+            degraded = self._degrade(fleet, request, target, max_out, remaining, now, commit)
             if degraded is not None:
                 return degraded
         reason, detail = shed_reason(local, queue_full, prio, remaining)
@@ -199,7 +204,8 @@ class Policy:
             if key in blocked:
                 continue  # an earlier entry of the same version and priority could not start
             remaining = req.remaining_ms(now)
-            tokens = output_tokens(self._cfg, req, target.model_info)
+            max_out = output_tokens(self._cfg, req, target.model_info)
+            tokens = planned_tokens(max_out, self._ratio(target))
             local = self._scan(target, req, tokens, remaining, now)
             if local.pick is None or local.pick.queue_ms > 0 or not local.fits:
                 blocked.add(key)
@@ -207,7 +213,7 @@ class Policy:
             self._queue.remove(entry)
             del self._queued_targets[entry.seq]
             decision = self._serve(
-                req, target, local.pick, remaining, now, True, Reason.QUEUE_SERVED
+                req, target, local.pick, remaining, now, True, Reason.QUEUE_SERVED, max_out
             )
             out.append((req, _with_queue_ms(decision, (now - entry.enqueued_at) * 1000.0)))
         return out
@@ -223,7 +229,9 @@ class Policy:
         total_ms: float = 0.0,
         output_tokens: int = 0,
     ) -> bool:
-        """End a ticket; OK outcomes teach the lane's service rate. False if unknown/expired."""
+        """End a ticket; OK outcomes teach the lane's service rate and the model version's
+        output length ratio (``output_tokens`` / the ticket's planned max_tokens; 0 = unknown,
+        not learned). False if unknown/expired."""
         held = self._tickets.pop(ticket_id)
         if held is None:
             return False
@@ -232,6 +240,10 @@ class Policy:
             held.lane.learn(
                 total_ms, ttft_ms, output_tokens, held.predicted_prefill_ms, held.predicted_itl_ms
             )
+            if output_tokens > 0 and held.max_tokens > 0:
+                self._ratio_of(held.lane.model, held.lane.version).observe(
+                    output_tokens, held.max_tokens
+                )
             if held.lane.replica in self._breakers:
                 self.record_result(held.lane.replica, True, now)
         elif outcome is Outcome.ERROR:
@@ -309,6 +321,25 @@ class Policy:
             return self._rng.random()
         return zlib.crc32((req.session_id or req.request_id).encode()) / 2**32
 
+    def _ratio(self, target: Target) -> float:
+        learned = self._ratios.get((target.model, target.version))
+        return learned.ratio if learned is not None else 1.0
+
+    def _ratio_of(self, model: str, version: str) -> OutputRatio:
+        learned = self._ratios.get((model, version))
+        if learned is None:
+            cfg = self._cfg
+            learned = self._ratios[(model, version)] = OutputRatio(
+                cfg.output_ratio_quantile, cfg.output_ratio_window,
+                cfg.output_ratio_min_samples, cfg.output_ratio_floor,
+            )  # fmt: skip
+        return learned
+
+    def output_ratio(self, model: str, version: str) -> float:
+        """The learned completion/max_tokens ratio decode is planned with (1.0 = unlearned)."""
+        learned = self._ratios.get((model, version))
+        return learned.ratio if learned is not None else 1.0
+
     def _mask(self, model: str, version: str, salt: str) -> int:
         key = (model, version, salt)
         mask = self._masks.get(key)
@@ -346,6 +377,7 @@ class Policy:
         now: float,
         commit: bool,
         reason: Reason,
+        max_tokens: int,
         action: Action = Action.SERVE,
         degrade: Degrade | None = None,
     ) -> Decision:
@@ -364,7 +396,7 @@ class Policy:
             if req.hops > 0:
                 self.overflow_in_total += 1
             predicted_prefill = pick.queue_ms + pick.prefill_ms
-            ticket = self._tickets.issue(lane, now, predicted_prefill, pick.itl_ms)
+            ticket = self._tickets.issue(lane, now, predicted_prefill, pick.itl_ms, max_tokens)
         return serve_decision(self._region, pick, remaining, action, reason, degrade, ticket)
 
     def _overflow(
@@ -410,26 +442,28 @@ class Policy:
         return queue_decision(self._region, pick, wait_ms, remaining)
 
     def _degrade(
-        self, fleet: FleetView, req: Request, target: Target, tokens: int, remaining: float,
+        self, fleet: FleetView, req: Request, target: Target, max_out: int, remaining: float,
         now: float, commit: bool,
     ) -> Decision | None:  # fmt: skip
         fb = fallback_target(fleet, self._region, target, lambda: self._uniform(req, commit))
         if fb is not None:
-            fb_tokens = output_tokens(self._cfg, req, fb.model_info)
+            fb_max = output_tokens(self._cfg, req, fb.model_info)
+            fb_tokens = planned_tokens(fb_max, self._ratio(fb))
             local = self._scan(fb, req, fb_tokens, remaining, now)
             if local.fits and local.pick is not None:
                 deg = Degrade(fallback_model=fb.model)
                 return self._serve(
                     req, fb, local.pick, remaining, now, commit,
-                    Reason.DEGRADE_FALLBACK, Action.DEGRADE, deg,
+                    Reason.DEGRADE_FALLBACK, fb_max, Action.DEGRADE, deg,
                 )  # fmt: skip
         lanes = self._lanes.of_version(target.model, target.version)
-        capped = capped_pick(lanes, self._cfg, req, tokens, remaining, now)
+        ratio = self._ratio(target)
+        capped = capped_pick(lanes, self._cfg, req, max_out, ratio, remaining, now)
         if capped is None:
             return None
         return self._serve(
             req, target, capped[1], remaining, now, commit, Reason.DEGRADE_MAX_TOKENS,
-            Action.DEGRADE, Degrade(max_tokens=capped[0]),
+            capped[0], Action.DEGRADE, Degrade(max_tokens=capped[0]),
         )  # fmt: skip
 
     def _queue_ahead_ms(self, local: Scan, prio: Priority) -> float:
@@ -458,7 +492,8 @@ class Policy:
     ) -> Decision:
         req = entry.request
         remaining = req.remaining_ms(now)
-        tokens = output_tokens(self._cfg, req, target.model_info)
+        max_out = output_tokens(self._cfg, req, target.model_info)
+        tokens = planned_tokens(max_out, self._ratio(target))
         local = self._scan(target, req, tokens, remaining, now)  # for retry-after only
         shed = self._shed(req, target, reason, detail, remaining, replace(local, pick=None))
         return _with_queue_ms(shed, (now - entry.enqueued_at) * 1000.0)

@@ -24,6 +24,7 @@ from spillgate.core.decision import (
 from spillgate.core.errors import PolicyError
 from spillgate.core.fleet import FleetView, ModelInfo, VersionInfo
 from spillgate.core.lanes import Lane, slot_class
+from spillgate.core.output_ratio import capped_max_tokens
 from spillgate.core.overflow import NeighbourState
 from spillgate.core.placement import Pick, Scan, max_tokens_that_fit
 from spillgate.core.policy_config import PolicyConfig
@@ -123,11 +124,21 @@ def fallback_target(
 
 
 def capped_pick(
-    lanes: list[Lane], cfg: PolicyConfig, req: Request, tokens: int, remaining: float, now: float
+    lanes: list[Lane],
+    cfg: PolicyConfig,
+    req: Request,
+    max_tokens: int,
+    ratio: float,
+    remaining: float,
+    now: float,
 ) -> tuple[int, Pick] | None:
-    """DEGRADE by max_tokens: (capped tokens, pick) when a shorter answer fits, else None."""
+    """DEGRADE by max_tokens: (capped max_tokens, pick) when a shorter answer fits, else None.
+
+    The cap applies to the request's ``max_tokens`` (what the replica enforces): the largest
+    cap whose planned length, ``ceil(cap x ratio)``, finishes within the budget.
+    """
     fresh_after = now - cfg.stale_after_s
-    capped, pick = max_tokens_that_fit(
+    fit, pick = max_tokens_that_fit(
         lanes,
         now,
         fresh_after,
@@ -135,7 +146,10 @@ def capped_pick(
         req.prompt_tokens,
         remaining,
     )
-    if pick is None or capped < max(cfg.min_degrade_tokens, 1) or capped >= tokens:
+    if pick is None:
+        return None
+    capped = capped_max_tokens(fit, ratio)
+    if capped < max(cfg.min_degrade_tokens, 1) or capped >= max_tokens:
         return None
     return capped, pick
 

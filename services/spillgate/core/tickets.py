@@ -22,6 +22,7 @@ class Held:
     lane: Lane
     predicted_prefill_ms: float  # queue + prefill predicted at admission
     predicted_itl_ms: float
+    max_tokens: int = 0  # the request's max_tokens as planned (capped when degraded)
 
 
 class TicketBook:
@@ -38,14 +39,16 @@ class TicketBook:
     def __len__(self) -> int:
         return len(self._held)
 
-    def issue(self, lane: Lane, now: float, prefill_ms: float, itl_ms: float) -> Ticket:
+    def issue(
+        self, lane: Lane, now: float, prefill_ms: float, itl_ms: float, max_tokens: int = 0
+    ) -> Ticket:
         """Open a ticket on ``lane`` with the default lease."""
         self._seq += 1
         expires = now + self._lease_ms / 1000.0
         ticket = Ticket(
             f"{self._prefix}-{self._seq}", self._region, lane.replica, expires, self._lease_ms
         )
-        self._held[ticket.id] = Held(ticket, lane, prefill_ms, itl_ms)
+        self._held[ticket.id] = Held(ticket, lane, prefill_ms, itl_ms, max_tokens)
         heapq.heappush(self._leases, (expires, ticket.id))
         return ticket
 
