@@ -73,14 +73,16 @@ async def test_a_caller_cancelled_as_its_slot_is_granted_gives_the_slot_back() -
     assert servicer.policy.in_flight == 0  # released, not held until the lease expires
 
 
-async def test_a_caller_gone_before_its_slot_is_granted_gives_it_back_too() -> None:
+async def test_a_caller_gone_before_its_slot_is_granted_leaves_the_queue_at_once() -> None:
     servicer, now = _setup()
     call = asyncio.create_task(servicer._admit(_low()))
     await asyncio.sleep(0)
+    assert servicer.policy.queue_len == 1
     call.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await call
+    assert servicer.policy.queue_len == 0  # no place held until the TTL
     now[0] = 0.3
     scrape(servicer.policy, 0.3)
-    _pump_once(servicer, 0.3)  # granted to nobody: released at once
+    _pump_once(servicer, 0.3)  # nothing left to grant
     assert servicer.policy.in_flight == 0 and servicer.policy.queue_len == 0

@@ -617,3 +617,14 @@ def test_output_ratio_config_is_validated() -> None:
         PolicyConfig(output_ratio_quantile=1.5).validate()
     with pytest.raises(ValueError, match="output_ratio_window"):
         PolicyConfig(output_ratio_window=0).validate()
+
+
+def test_cancel_queued_takes_a_request_out_and_it_never_ends_later() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 6))  # LOW may use 6 of 8 slots: it queues
+    r = req(priority=Priority.LOW)
+    assert policy.decide(r, 0.0).action is Action.QUEUE and policy.queue_len == 1
+    assert policy.cancel_queued(r) is True and policy.queue_len == 0
+    scrape(policy, 0.3)
+    assert policy.drain_queue(0.3) == []  # nothing granted to a caller that left
+    assert policy.cancel_queued(r) is False

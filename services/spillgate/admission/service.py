@@ -141,9 +141,12 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
             try:
                 decision = await future
             except asyncio.CancelledError:
-                # Granted in the same loop turn the caller went away: give the slot back.
                 if future.done() and not future.cancelled():
+                    # Granted in the same loop turn the caller went away: give it back.
                     self._give_back(future.result(), self._clock())
+                elif self.policy.cancel_queued(req):
+                    # Still queued: leave now rather than hold a place until the TTL.
+                    self._waiting.pop(id(req), None)
                 raise
             clocks = self.clocks()
         self._count(decision)

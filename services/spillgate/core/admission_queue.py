@@ -93,6 +93,10 @@ class AdmissionQueue:
         self._len += 1
         return entry, displaced
 
+    def band(self, priority: Priority) -> list[QueueEntry]:
+        """Every entry of one priority band (any order)."""
+        return [e for q in self._bands[priority].values() for e in q]
+
     def ordered(self) -> Iterator[QueueEntry]:
         """Entries in service order: bands by priority, tenants round robin within a band.
 

@@ -220,6 +220,16 @@ class Policy:
 
     # -- accounting --------------------------------------------------------------------------
 
+    def cancel_queued(self, request: Request) -> bool:
+        """Take a queued ``request`` out of the queue (its caller went away), so it holds
+        no place and is never granted a slot; False when it is not queued (any more)."""
+        band = self._queue.band(request.priority)
+        for entry in list(band):
+            if entry.request is request and self._queue.remove(entry):
+                self._queued_targets.pop(entry.seq, None)
+                return True
+        return False
+
     def release(
         self,
         ticket_id: str,
