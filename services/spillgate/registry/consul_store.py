@@ -58,9 +58,8 @@ from consul.exceptions import ClientError  # type: ignore[import-untyped]
 from spillgate._proto import registry_pb2
 from spillgate.registry.store import (
     Key,
-    NotFound,
+    MemoryCachedStore,
     RevisionMismatch,
-    Store,
     StoreError,
     StoreUnavailable,
     ValidationError,
@@ -123,7 +122,7 @@ def _entity_path(key: Key) -> str:
     return f"state/entities/{kind_name(key[0])}/{key[1]}"
 
 
-class ConsulStore(Store):
+class ConsulStore(MemoryCachedStore):
     """Registry store in Consul's KV store under `prefix` (see the module docstring).
 
     `addr` is "host:port" or "http(s)://host:port" of a Consul agent; None takes
@@ -292,27 +291,6 @@ class ConsulStore(Store):
     def registry_id(self) -> str:
         """The prefix's id, read (or created) when this handle opened (see Store.registry_id)."""
         return self._registry_id
-
-    def revision(self) -> int:
-        """The current revision."""
-        with self._lock:
-            self._refresh()
-            return self._revision
-
-    def get(self, key: Key) -> registry_pb2.Entity:
-        """The entity at `key`; raises NotFound when absent."""
-        return self.read(key)[0]
-
-    def read(self, key: Key) -> tuple[registry_pb2.Entity, int]:
-        """The entity at `key` and the revision it was read at; raises NotFound."""
-        with self._lock:
-            self._refresh()
-            entity, revision = self._state.get(key), self._revision
-        if entity is None:
-            raise NotFound(key)
-        copy = registry_pb2.Entity()
-        copy.CopyFrom(entity)
-        return copy, revision
 
     def snapshot(self) -> registry_pb2.Snapshot:
         """The full state at the current revision."""

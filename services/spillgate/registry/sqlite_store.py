@@ -20,9 +20,8 @@ from pathlib import Path
 from spillgate._proto import registry_pb2
 from spillgate.registry.store import (
     Key,
-    NotFound,
+    MemoryCachedStore,
     RevisionMismatch,
-    Store,
     entity_key,
     new_registry_id,
     snapshot_from_state,
@@ -71,7 +70,7 @@ def _entity(body: bytes) -> registry_pb2.Entity:
     return entity
 
 
-class SQLiteStore(Store):
+class SQLiteStore(MemoryCachedStore):
     """Registry store in one SQLite file.
 
     `history_revisions` bounds the retained change history: watchers further behind than
@@ -132,34 +131,6 @@ class SQLiteStore(Store):
     def registry_id(self) -> str:
         """The id drawn when the file was created (see Store.registry_id)."""
         return self._registry_id
-
-    def revision(self) -> int:
-        """The current revision."""
-        with self._lock:
-            self._refresh()
-            return self._revision
-
-    def get(self, key: Key) -> registry_pb2.Entity:
-        """The entity at `key`; raises NotFound when absent."""
-        with self._lock:
-            self._refresh()
-            entity = self._state.get(key)
-        if entity is None:
-            raise NotFound(key)
-        copy = registry_pb2.Entity()
-        copy.CopyFrom(entity)
-        return copy
-
-    def read(self, key: Key) -> tuple[registry_pb2.Entity, int]:
-        """The entity at `key` and the revision it was read at; raises NotFound."""
-        with self._lock:
-            self._refresh()
-            entity, revision = self._state.get(key), self._revision
-        if entity is None:
-            raise NotFound(key)
-        copy = registry_pb2.Entity()
-        copy.CopyFrom(entity)
-        return copy, revision
 
     def snapshot(self) -> registry_pb2.Snapshot:
         """The full state at the current revision (a copy the caller may modify)."""

@@ -14,6 +14,7 @@ Errors map to gRPC codes in one table at the service edge:
 from __future__ import annotations
 
 import abc
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import TypeAlias
@@ -239,3 +240,38 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release resources; the store must not be used afterwards."""
+
+
+class MemoryCachedStore(Store):
+    """A store that keeps the whole state in memory and brings it up to date from its
+    backend (`_refresh`) before every read, under `_lock`. Subclasses set `_lock`, `_state`
+    and `_revision` and implement `_refresh`; reads are answered from memory."""
+
+    _lock: threading.Lock
+    _state: dict[Key, registry_pb2.Entity]
+    _revision: int
+
+    @abc.abstractmethod
+    def _refresh(self) -> None:
+        """Bring `_state`/`_revision` up to the backend's latest (caller holds `_lock`)."""
+
+    def revision(self) -> int:
+        """The current revision."""
+        with self._lock:
+            self._refresh()
+            return self._revision
+
+    def get(self, key: Key) -> registry_pb2.Entity:
+        """The entity at `key` (a copy); raises NotFound when absent."""
+        return self.read(key)[0]
+
+    def read(self, key: Key) -> tuple[registry_pb2.Entity, int]:
+        """The entity at `key` (a copy) and the revision it was read at; raises NotFound."""
+        with self._lock:
+            self._refresh()
+            entity, revision = self._state.get(key), self._revision
+        if entity is None:
+            raise NotFound(key)
+        copy = registry_pb2.Entity()
+        copy.CopyFrom(entity)
+        return copy, revision
