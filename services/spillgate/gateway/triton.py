@@ -332,18 +332,25 @@ class TritonPassthrough(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             await self._abort(context, exc)
             raise AssertionError("unreachable") from exc
 
+    async def _forward_named(
+        self, request: Any, context: Context, method: str, message: type[Any]
+    ) -> Any:
+        """Ask one ready replica for `method` about the routed model, under its Triton name;
+        the caller puts the client's name back into the answer."""
+        stub, triton_name, triton_version = await self._one_replica(
+            request, context, request.name, request.version
+        )
+        forwarded = message(name=triton_name, version=triton_version)
+        try:
+            return await getattr(stub, method)(forwarded, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise self._replica_error(exc, triton_name, request.name) from None
+
     async def ModelMetadata(self, request: Any, context: Context) -> pb.ModelMetadataResponse:
         try:
-            stub, triton_name, triton_version = await self._one_replica(
-                request, context, request.name, request.version
+            response: pb.ModelMetadataResponse = await self._forward_named(
+                request, context, "ModelMetadata", pb.ModelMetadataRequest
             )
-            forwarded = pb.ModelMetadataRequest(name=triton_name, version=triton_version)
-            try:
-                response: pb.ModelMetadataResponse = await stub.ModelMetadata(
-                    forwarded, timeout=context.time_remaining()
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise self._replica_error(exc, triton_name, request.name) from None
             response.name = request.name
             return response
         except Exception as exc:
@@ -352,16 +359,9 @@ class TritonPassthrough(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelConfig(self, request: Any, context: Context) -> pb.ModelConfigResponse:
         try:
-            stub, triton_name, triton_version = await self._one_replica(
-                request, context, request.name, request.version
+            response: pb.ModelConfigResponse = await self._forward_named(
+                request, context, "ModelConfig", pb.ModelConfigRequest
             )
-            forwarded = pb.ModelConfigRequest(name=triton_name, version=triton_version)
-            try:
-                response: pb.ModelConfigResponse = await stub.ModelConfig(
-                    forwarded, timeout=context.time_remaining()
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise self._replica_error(exc, triton_name, request.name) from None
             response.config.name = request.name
             return response
         except Exception as exc:
