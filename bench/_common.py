@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,13 @@ def command_line() -> str:
     with contextlib.suppress(ValueError):
         argv[0] = os.path.relpath(argv[0]) if not argv[0].startswith("/") else argv[0]
     return shlex.join(argv)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so a benchmark's cleanup (child processes,
+    temporary files) runs when it is stopped like any other service."""
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)

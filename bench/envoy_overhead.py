@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _common import command_line, log, machine
+from _common import command_line, log, machine, stop_on_sigterm
 from gateway_overhead import (
     ALIAS,
     CONFIG_TOML,
@@ -296,13 +295,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     info = machine()
     cmd = command_line()
     log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
 import grpc
 import httpx
 import tritonclient.grpc.aio as triton
-from _common import command_line, log, machine
+from _common import command_line, log, machine, stop_on_sigterm
 
 from spillgate._proto import (
     common_pb2,
@@ -475,13 +475,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     info = machine()
     cmd = command_line()
     log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")

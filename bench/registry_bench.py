@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _common import command_line, log, machine
+from _common import command_line, log, machine, stop_on_sigterm
 from google.protobuf import timestamp_pb2
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
@@ -540,13 +540,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     info = machine()
     cmd = command_line()
     log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")

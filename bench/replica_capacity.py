@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import command_line, log, machine
+from _common import command_line, log, machine, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "llm-bench"
@@ -633,10 +633,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 async def _measure(args: argparse.Namespace, replica: Replica, deadline: float) -> Any:
     # SIGTERM cancels the run like Ctrl-C does (asyncio.run handles SIGINT itself).
     task = asyncio.current_task()
@@ -648,7 +644,7 @@ async def _measure(args: argparse.Namespace, replica: Replica, deadline: float) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     info = machine()
     cmd = command_line()
     log(
