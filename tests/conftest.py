@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -130,6 +132,26 @@ class ReplicaProcess(ServiceProcess):
 
 
 _READY = re.compile(r"spillgate replica ready grpc=(\S+) metrics=(\S+)")
+
+
+# Every fault setting at its no-fault value (POST it to clear a replica's faults).
+NO_FAULTS: dict[str, Any] = {
+    "error_rate": 0.0,
+    "refuse_rate": 0.0,
+    "added_latency_ms": 0.0,
+    "stall": False,
+    "slow_factor": 1.0,
+}
+
+
+def set_faults(rp: ReplicaProcess, **changes: Any) -> dict[str, Any]:
+    """POST a partial fault update to a replica's /faults; returns the settings now in force."""
+    req = urllib.request.Request(
+        f"http://{rp.metrics}/faults", data=json.dumps(changes).encode(), method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+        return dict(json.loads(resp.read()))
 
 
 def start_replica(*args: str, timeout: float = 30.0) -> ReplicaProcess:

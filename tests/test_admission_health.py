@@ -7,12 +7,10 @@ kill test owns its replica. Everything polls with deadlines.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -24,23 +22,15 @@ from spillgate.admission.health import (
     HealthStatus,
     HealthTarget,
 )
-from tests.conftest import ReplicaProcess, start_replica, until
+from tests.conftest import NO_FAULTS, ReplicaProcess, set_faults, start_replica, until
 
 T = TypeVar("T")
 
 FAST = HealthConfig(live_interval=0.1, canary_interval=0.15, rpc_timeout=0.5, canary_timeout=0.5)
 
 
-def set_faults(rp: ReplicaProcess, **changes: Any) -> None:
-    req = urllib.request.Request(
-        f"http://{rp.metrics}/faults", data=json.dumps(changes).encode(), method="POST"
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
-
-
 def clear_faults(rp: ReplicaProcess) -> None:
-    set_faults(rp, error_rate=0.0, added_latency_ms=0.0, stall=False, slow_factor=1.0)
+    set_faults(rp, **NO_FAULTS)
 
 
 def health_tasks() -> list[str]:

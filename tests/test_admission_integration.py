@@ -7,7 +7,6 @@ same run, so the assertions are ratios that hold on a noisy 2-core machine.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -29,7 +28,7 @@ from spillgate._proto import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica
+from tests.conftest import ReplicaProcess, ServiceProcess, eventually, set_faults, start_replica
 from tests.test_admission_service import DIGEST, start_admission
 from tests.test_registry_service import Registry, start_registry
 from tests.zero_proxy import Call, Result, ZeroProxyClient, percentile, run_load
@@ -174,14 +173,6 @@ def _metric(rp: ReplicaProcess, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _faults(rp: ReplicaProcess, **changes: object) -> None:
-    req = urllib.request.Request(
-        f"http://{rp.metrics}/faults", data=json.dumps(changes).encode(), method="POST"
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
-
-
 def _p99(results: list[Result]) -> float:
     return percentile([r.latency_ms for r in results], 0.99)
 
@@ -201,7 +192,7 @@ async def test_skewed_load_admission_p99_beats_round_robin(
     round-robin sends a third of the requests to the slow one."""
     fleet = make_fleet("skew", 3)
     slow = fleet.replicas[2]
-    _faults(slow, slow_factor=6.0)
+    set_faults(slow, slow_factor=6.0)
     rng = random.Random(1)
     calls = [Call(_question(rng, 100), 16) for _ in range(360)]
     warmup = [Call(_question(rng, 100), 16) for _ in range(24)]
@@ -361,7 +352,7 @@ async def test_erroring_replica_with_fresh_metrics_is_cut_off_by_its_breaker(
     canary) can exclude it, after `failure_threshold` (5) consecutive failures."""
     fleet = make_fleet("breaker", 3)
     bad, bad_id = fleet.replicas[1], fleet.ids[1]
-    _faults(bad, error_rate=1.0)
+    set_faults(bad, error_rate=1.0)
     rng = random.Random(9)
     calls = [Call(_question(rng, 100), 16) for _ in range(150)]
     client = ZeroProxyClient(fleet.address)

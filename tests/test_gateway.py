@@ -14,7 +14,7 @@ import pytest
 
 from spillgate._proto import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2
 from tests import fleet_helpers as fh
-from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica
+from tests.conftest import ReplicaProcess, ServiceProcess, eventually, set_faults, start_replica
 from tests.fleet_helpers import start_admission, start_fleet, start_gateway
 from tests.test_registry_service import Registry, start_registry
 
@@ -275,6 +275,37 @@ async def test_replica_killed_under_load_every_request_ends_exactly_once(
             assert isinstance(executions, dict)
             seen.update(executions.keys())
         assert all(n == 1 for n in seen.values()), "a request ran on two replicas"
+    finally:
+        f.stop()
+
+
+async def test_a_retry_after_a_refusal_goes_to_another_replica(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Its own fleet: one region, two replicas; us-0 refuses every request at the door.
+
+    One request at a time, so the idle pool's choice is the same every time; whichever
+    replica that is, no request may end on us-0, and a request admission first sent to
+    us-0 says so in `refused_by` (it was retried on us-1, not on us-0 again).
+    """
+    f = start_fleet(tmp_path_factory.mktemp("refuse") / "registry.db", replicas=2, speed="20")
+    try:
+        target = f.gateway_address
+        await chat_until_served(target, chat_request())
+        before = _executions(f.replicas[0])["executions"]
+        set_faults(f.replicas[0], refuse_rate=1.0)
+        routes = []
+        for i in range(4):  # fewer refusals than the retry budget's half (gRFC A6: 10 / 2)
+            message = gateway_pb2.ChatMessage(role="user", content=f"question {i} of the refusal")
+            answer = await chat(target, chat_request(messages=[message]))
+            routes.append(answer.route)
+            assert answer.trailing.get("x-spillgate-refused-by", "") == ",".join(
+                answer.route.refused_by
+            )
+        assert [r.replica for r in routes] == ["us-1"] * 4
+        assert all(list(r.refused_by) in ([], ["us-0"]) for r in routes), routes
+        assert any(r.refused_by for r in routes), "admission never tried us-0: nothing proved"
+        assert _executions(f.replicas[0])["executions"] == before  # refused: nothing ran
     finally:
         f.stop()
 

@@ -297,6 +297,17 @@ def test_candidates_exclude_draining_not_ready_and_open_breakers() -> None:
     assert replicas.count("us-0") == 1
 
 
+def test_a_retry_never_lands_on_the_replica_it_avoids() -> None:
+    policy = make_policy()
+    scrape(policy, 0.0)
+    first = policy.decide(req(), 0.0, commit=False).replica  # the idle pool's first choice
+    retry = policy.decide(req(avoid_replicas=frozenset({first})), 0.0, commit=False)
+    assert retry.action == Action.SERVE and retry.replica not in ("", first)
+    everyone = frozenset(LOCAL_8B)
+    d = policy.decide(req(avoid_replicas=everyone), 0.0)
+    assert (d.action, d.reason) == (Action.SHED, Reason.NO_REPLICAS)  # as if they were gone
+
+
 def test_canary_weights_and_session_pinning() -> None:
     policy = make_policy(seed=3)
     scrape(policy, 0.0, dict.fromkeys(LOCAL_8B, 0))

@@ -6,6 +6,7 @@ module replica and reset its faults first. The session `replica` is never touche
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import socket
@@ -18,16 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ROOT, ReplicaProcess, eventually, start_replica
+from tests.conftest import NO_FAULTS, ROOT, ReplicaProcess, eventually, set_faults, start_replica
 from tests.triton_helpers import final_flag, llm_inputs, simple_inputs
 
-DEFAULTS = {"error_rate": 0.0, "added_latency_ms": 0.0, "stall": False, "slow_factor": 1.0}
+DEFAULTS = NO_FAULTS
 
 
 @pytest.fixture
@@ -65,12 +68,6 @@ def http(rp: ReplicaProcess, method: str, path: str, body: bytes | None = None) 
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, json.loads(exc.read())
-
-
-def set_faults(rp: ReplicaProcess, **changes: Any) -> dict[str, Any]:
-    status, settings = http(rp, "POST", "/faults", json.dumps(changes).encode())
-    assert status == 200, settings
-    return dict(settings)
 
 
 def get_faults(rp: ReplicaProcess) -> dict[str, Any]:
@@ -123,6 +120,40 @@ def test_error_rate_one_fails_every_request_with_internal_then_recovers(
     assert_simple_result(client.infer("simple", simple_inputs()))
     assert metric(own, "nv_inference_request_success", "simple") == successes + 1
     assert metric(own, "nv_inference_request_failure", "simple", reason="BACKEND") == after
+
+
+# -- refuse_rate -----------------------------------------------------------------------------
+
+
+def test_refuse_rate_one_refuses_unary_and_streams_unavailable_and_runs_nothing(
+    own: ReplicaProcess, client: grpcclient.InferenceServerClient
+) -> None:
+    assert set_faults(own, refuse_rate=1.0) == {**DEFAULTS, "refuse_rate": 1.0}
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", simple_inputs(), request_id="refused-unary")
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
+
+    async def stream() -> None:
+        async with aioclient.InferenceServerClient(own.grpc) as aio:
+
+            async def one() -> Any:
+                yield {
+                    "model_name": "llm-small",
+                    "inputs": llm_inputs("hi", True, 4, aioclient),
+                    "request_id": "refused-stream",
+                }
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _result, _error in aio.stream_infer(one()):
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(stream())
+    status, body = http(own, "GET", "/executions")
+    assert status == 200 and not {"refused-unary", "refused-stream"} & set(body["executions"])
+
+    assert set_faults(own, refuse_rate=0) == DEFAULTS
+    assert_simple_result(client.infer("simple", simple_inputs()))
 
 
 # -- stall -----------------------------------------------------------------------------------
@@ -240,7 +271,7 @@ def test_crash_makes_the_process_exit_with_code_70() -> None:
 # -- bad updates -----------------------------------------------------------------------------
 
 
-BASELINE = {"error_rate": 0.0, "added_latency_ms": 5.0, "stall": False, "slow_factor": 2.0}
+BASELINE = {**NO_FAULTS, "added_latency_ms": 5.0, "slow_factor": 2.0}
 
 
 @pytest.mark.parametrize(
@@ -251,6 +282,7 @@ BASELINE = {"error_rate": 0.0, "added_latency_ms": 5.0, "stall": False, "slow_fa
         (b'{"error_rate": 2}', "error_rate"),
         (b'{"error_rate": -0.1}', "error_rate"),
         (b'{"error_rate": NaN}', "error_rate"),
+        (b'{"refuse_rate": 1.5}', "refuse_rate"),
         (b'{"slow_factor": 0.5}', "slow_factor"),
         (b'{"added_latency_ms": -1}', "added_latency_ms"),
         (b'{"error_rate": "lots"}', "must be a number"),

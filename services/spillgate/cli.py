@@ -37,7 +37,7 @@ def _replica(args: argparse.Namespace) -> int:
 
 def _fault(args: argparse.Namespace) -> int:
     changes: dict[str, object] = {}
-    for key in ("error_rate", "added_latency_ms", "slow_factor"):
+    for key in ("error_rate", "refuse_rate", "added_latency_ms", "slow_factor"):
         value = getattr(args, key)
         if value is not None:
             changes[key] = value
@@ -46,7 +46,13 @@ def _fault(args: argparse.Namespace) -> int:
     if args.crash:
         changes["crash"] = True
     if args.clear:
-        changes = {"error_rate": 0.0, "added_latency_ms": 0.0, "stall": False, "slow_factor": 1.0}
+        changes = {
+            "error_rate": 0.0,
+            "refuse_rate": 0.0,
+            "added_latency_ms": 0.0,
+            "stall": False,
+            "slow_factor": 1.0,
+        }
     url = args.url.rstrip("/")
     if not url.startswith("http"):
         url = "http://" + url
@@ -146,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fault", help="show or change a replica's injected faults")
     f.add_argument("--url", default="127.0.0.1:8002", help="the replica's metrics address")
     f.add_argument("--error-rate", type=float, help="share of requests failed (0..1)")
+    f.add_argument(
+        "--refuse-rate", type=float, help="share of requests refused UNAVAILABLE, unrun (0..1)"
+    )
     f.add_argument("--added-latency-ms", type=float)
     f.add_argument("--slow-factor", type=float, help=">= 1: LLM time runs this much slower")
     f.add_argument("--stall", choices=("on", "off"))

@@ -287,6 +287,7 @@ class RequestContext(_message.Message):
     BUDGET_MS_FIELD_NUMBER: _builtins.int
     HOPS_FIELD_NUMBER: _builtins.int
     ORIGIN_REGION_FIELD_NUMBER: _builtins.int
+    AVOID_REPLICAS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-unique id for tracing and idempotent Release; the gateway generates one if unset."""
     tenant: _builtins.str
@@ -333,6 +334,13 @@ class RequestContext(_message.Message):
         of the two applies.
         """
 
+    @_builtins.property
+    def avoid_replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Replica ids this request must not be placed on: a gateway retrying after a replica
+        refused (UNAVAILABLE before any work) names it, so the retry goes elsewhere. With only
+        avoided replicas left, the request overflows, queues or sheds as if they were gone.
+        """
+
     def __init__(
         self,
         *,
@@ -352,10 +360,11 @@ class RequestContext(_message.Message):
         budget_ms: _builtins.int = ...,
         hops: _builtins.int = ...,
         origin_region: _builtins.str = ...,
+        avoid_replicas: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_degrade", b"allow_degrade", "block_size_tokens", b"block_size_tokens", "budget_ms", b"budget_ms", "cache_salt", b"cache_salt", "deadline", b"deadline", "hops", b"hops", "max_tokens", b"max_tokens", "model", b"model", "origin_region", b"origin_region", "prefix_block_hashes", b"prefix_block_hashes", "priority", b"priority", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "residency_zone", b"residency_zone", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_degrade", b"allow_degrade", "avoid_replicas", b"avoid_replicas", "block_size_tokens", b"block_size_tokens", "budget_ms", b"budget_ms", "cache_salt", b"cache_salt", "deadline", b"deadline", "hops", b"hops", "max_tokens", b"max_tokens", "model", b"model", "origin_region", b"origin_region", "prefix_block_hashes", b"prefix_block_hashes", "priority", b"priority", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "residency_zone", b"residency_zone", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

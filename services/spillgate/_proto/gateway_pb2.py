@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from spillgate._proto import common_pb2 as spillgate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspillgate/v1/gateway.proto\x12\x0cspillgate.v1\x1a\x19spillgate/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc7\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.spillgate.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.spillgate.v1.Priority\x12\x15\n\rallow_degrade\x18\t \x01(\x08\x12\x16\n\x0eresidency_zone\x18\n \x01(\t\x12\x11\n\tbudget_ms\x18\x0b \x01(\r\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xdd\x01\n\tRouteInfo\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x14.spillgate.v1.Action\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x0c\n\x04hops\x18\x08 \x01(\r\x12(\n\x08\x65stimate\x18\t \x01(\x0b\x32\x16.spillgate.v1.Estimate\x12\x0f\n\x07ttft_ms\x18\n \x01(\x01\"\xb0\x01\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.spillgate.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.spillgate.v1.Usage\x12&\n\x05route\x18\x04 \x01(\x0b\x32\x17.spillgate.v1.RouteInfo\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"#\n\x11ListModelsRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\xad\x01\n\x0cModelListing\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\x08\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.spillgate.v1.ModelKind\x12\x10\n\x08versions\x18\x04 \x03(\t\x12\x0f\n\x07regions\x18\x05 \x03(\t\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x07 \x01(\r\"[\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.spillgate.v1.ModelListing\x12\x19\n\x11registry_revision\x18\x02 \x01(\x04\"B\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\"%\n\x11LoadModelResponse\x12\x10\n\x08replicas\x18\x01 \x03(\t\"D\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08replicas\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\"\xb6\x01\n\x0eHealthResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x1b\n\x13\x61\x64mission_reachable\x18\x03 \x01(\x08\x12\x1a\n\x12registry_reachable\x18\x04 \x01(\x08\x12\x19\n\x11registry_revision\x18\x05 \x01(\x04\x12\x17\n\x0fregistry_age_ms\x18\x06 \x01(\x01\x12\x16\n\x0eready_replicas\x18\x07 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x89\x03\n\x0eGatewayService\x12?\n\x04\x43hat\x12\x19.spillgate.v1.ChatRequest\x1a\x1a.spillgate.v1.ChatResponse0\x01\x12O\n\nListModels\x12\x1f.spillgate.v1.ListModelsRequest\x1a .spillgate.v1.ListModelsResponse\x12L\n\tLoadModel\x12\x1e.spillgate.v1.LoadModelRequest\x1a\x1f.spillgate.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .spillgate.v1.UnloadModelRequest\x1a!.spillgate.v1.UnloadModelResponse\x12\x43\n\x06Health\x12\x1b.spillgate.v1.HealthRequest\x1a\x1c.spillgate.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspillgate/v1/gateway.proto\x12\x0cspillgate.v1\x1a\x19spillgate/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc7\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.spillgate.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.spillgate.v1.Priority\x12\x15\n\rallow_degrade\x18\t \x01(\x08\x12\x16\n\x0eresidency_zone\x18\n \x01(\t\x12\x11\n\tbudget_ms\x18\x0b \x01(\r\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xf1\x01\n\tRouteInfo\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x14.spillgate.v1.Action\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x0c\n\x04hops\x18\x08 \x01(\r\x12(\n\x08\x65stimate\x18\t \x01(\x0b\x32\x16.spillgate.v1.Estimate\x12\x0f\n\x07ttft_ms\x18\n \x01(\x01\x12\x12\n\nrefused_by\x18\x0b \x03(\t\"\xb0\x01\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.spillgate.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.spillgate.v1.Usage\x12&\n\x05route\x18\x04 \x01(\x0b\x32\x17.spillgate.v1.RouteInfo\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"#\n\x11ListModelsRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\xad\x01\n\x0cModelListing\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\x08\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.spillgate.v1.ModelKind\x12\x10\n\x08versions\x18\x04 \x03(\t\x12\x0f\n\x07regions\x18\x05 \x03(\t\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x07 \x01(\r\"[\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.spillgate.v1.ModelListing\x12\x19\n\x11registry_revision\x18\x02 \x01(\x04\"B\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\"%\n\x11LoadModelResponse\x12\x10\n\x08replicas\x18\x01 \x03(\t\"D\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08replicas\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\"\xb6\x01\n\x0eHealthResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x1b\n\x13\x61\x64mission_reachable\x18\x03 \x01(\x08\x12\x1a\n\x12registry_reachable\x18\x04 \x01(\x08\x12\x19\n\x11registry_revision\x18\x05 \x01(\x04\x12\x17\n\x0fregistry_age_ms\x18\x06 \x01(\x01\x12\x16\n\x0eready_replicas\x18\x07 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x89\x03\n\x0eGatewayService\x12?\n\x04\x43hat\x12\x19.spillgate.v1.ChatRequest\x1a\x1a.spillgate.v1.ChatResponse0\x01\x12O\n\nListModels\x12\x1f.spillgate.v1.ListModelsRequest\x1a .spillgate.v1.ListModelsResponse\x12L\n\tLoadModel\x12\x1e.spillgate.v1.LoadModelRequest\x1a\x1f.spillgate.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .spillgate.v1.UnloadModelRequest\x1a!.spillgate.v1.UnloadModelResponse\x12\x43\n\x06Health\x12\x1b.spillgate.v1.HealthRequest\x1a\x1c.spillgate.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spillgate._proto.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1576
-  _globals['_FINISHREASON']._serialized_end=1671
+  _globals['_FINISHREASON']._serialized_start=1596
+  _globals['_FINISHREASON']._serialized_end=1691
   _globals['_CHATMESSAGE']._serialized_start=71
   _globals['_CHATMESSAGE']._serialized_end=115
   _globals['_CHATREQUEST']._serialized_start=118
   _globals['_CHATREQUEST']._serialized_end=445
   _globals['_ROUTEINFO']._serialized_start=448
-  _globals['_ROUTEINFO']._serialized_end=669
-  _globals['_CHATRESPONSE']._serialized_start=672
-  _globals['_CHATRESPONSE']._serialized_end=848
-  _globals['_LISTMODELSREQUEST']._serialized_start=850
-  _globals['_LISTMODELSREQUEST']._serialized_end=885
-  _globals['_MODELLISTING']._serialized_start=888
-  _globals['_MODELLISTING']._serialized_end=1061
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1063
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1154
-  _globals['_LOADMODELREQUEST']._serialized_start=1156
-  _globals['_LOADMODELREQUEST']._serialized_end=1222
-  _globals['_LOADMODELRESPONSE']._serialized_start=1224
-  _globals['_LOADMODELRESPONSE']._serialized_end=1261
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1263
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1331
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1333
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1372
-  _globals['_HEALTHREQUEST']._serialized_start=1374
-  _globals['_HEALTHREQUEST']._serialized_end=1389
-  _globals['_HEALTHRESPONSE']._serialized_start=1392
-  _globals['_HEALTHRESPONSE']._serialized_end=1574
-  _globals['_GATEWAYSERVICE']._serialized_start=1674
-  _globals['_GATEWAYSERVICE']._serialized_end=2067
+  _globals['_ROUTEINFO']._serialized_end=689
+  _globals['_CHATRESPONSE']._serialized_start=692
+  _globals['_CHATRESPONSE']._serialized_end=868
+  _globals['_LISTMODELSREQUEST']._serialized_start=870
+  _globals['_LISTMODELSREQUEST']._serialized_end=905
+  _globals['_MODELLISTING']._serialized_start=908
+  _globals['_MODELLISTING']._serialized_end=1081
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1083
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1174
+  _globals['_LOADMODELREQUEST']._serialized_start=1176
+  _globals['_LOADMODELREQUEST']._serialized_end=1242
+  _globals['_LOADMODELRESPONSE']._serialized_start=1244
+  _globals['_LOADMODELRESPONSE']._serialized_end=1281
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1283
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1351
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1353
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1392
+  _globals['_HEALTHREQUEST']._serialized_start=1394
+  _globals['_HEALTHREQUEST']._serialized_end=1409
+  _globals['_HEALTHRESPONSE']._serialized_start=1412
+  _globals['_HEALTHRESPONSE']._serialized_end=1594
+  _globals['_GATEWAYSERVICE']._serialized_start=1694
+  _globals['_GATEWAYSERVICE']._serialized_end=2087
 # @@protoc_insertion_point(module_scope)

@@ -177,6 +177,7 @@ class RouteInfo(_message.Message):
     HOPS_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
     TTFT_MS_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     """Region that served it."""
     replica: _builtins.str
@@ -199,6 +200,12 @@ class RouteInfo(_message.Message):
     def estimate(self) -> _common_pb2.Estimate:
         """Admission's prediction for the serving replica."""
 
+    @_builtins.property
+    def refused_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Replicas that refused the request before doing any work (UNAVAILABLE), in order; the
+        gateway retried it elsewhere within its retry budget. Empty on a first-try success.
+        """
+
     def __init__(
         self,
         *,
@@ -212,10 +219,11 @@ class RouteInfo(_message.Message):
         hops: _builtins.int = ...,
         estimate: _common_pb2.Estimate | None = ...,
         ttft_ms: _builtins.float = ...,
+        refused_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "estimate", b"estimate", "hops", b"hops", "model", b"model", "queue_ms", b"queue_ms", "reason", b"reason", "region", b"region", "replica", b"replica", "ttft_ms", b"ttft_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "estimate", b"estimate", "hops", b"hops", "model", b"model", "queue_ms", b"queue_ms", "reason", b"reason", "refused_by", b"refused_by", "region", b"region", "replica", b"replica", "ttft_ms", b"ttft_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

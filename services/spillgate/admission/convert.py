@@ -126,6 +126,7 @@ def request_from_proto(
         allow_degrade=ctx.allow_degrade,
         hops=ctx.hops,
         origin_region=ctx.origin_region,
+        avoid_replicas=frozenset(ctx.avoid_replicas),
     )
 
 

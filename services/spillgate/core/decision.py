@@ -99,6 +99,7 @@ class Request:
     allow_degrade: bool = False
     hops: int = 0
     origin_region: str = ""
+    avoid_replicas: frozenset[str] = frozenset()  # replicas a retry must not land on
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequest` naming the first bad field."""

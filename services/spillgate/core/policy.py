@@ -29,7 +29,7 @@ from spillgate.core.decision import (
 )
 from spillgate.core.errors import NoFleet
 from spillgate.core.fleet import FleetView
-from spillgate.core.lanes import slot_class
+from spillgate.core.lanes import Lane, slot_class
 from spillgate.core.output_ratio import OutputRatio, planned_tokens
 from spillgate.core.overflow import NeighbourState, NeighbourSummary, TokenBucket
 from spillgate.core.placement import NO_CANDIDATES, Pick, Scan, scan
@@ -359,10 +359,16 @@ class Policy:
             mask = self._masks[key] = namespace_mask(model, version, salt)
         return mask
 
+    def _candidates(self, target: Target, req: Request) -> list[Lane]:
+        lanes = self._lanes.of_version(target.model, target.version)
+        if req.avoid_replicas:  # a retry: never the replica that just refused it
+            return [lane for lane in lanes if lane.replica not in req.avoid_replicas]
+        return lanes
+
     def _scan(
         self, target: Target, req: Request, tokens: int, remaining: float, now: float
     ) -> Scan:
-        lanes = self._lanes.of_version(target.model, target.version)
+        lanes = self._candidates(target, req)
         if not lanes:
             return NO_CANDIDATES
         cfg = self._cfg
@@ -466,7 +472,7 @@ class Policy:
                     req, fb, local.pick, remaining, now, commit,
                     Reason.DEGRADE_FALLBACK, fb_max, Action.DEGRADE, deg,
                 )  # fmt: skip
-        lanes = self._lanes.of_version(target.model, target.version)
+        lanes = self._candidates(target, req)
         ratio = self._ratio(target)
         capped = capped_pick(lanes, self._cfg, req, max_out, ratio, remaining, now)
         if capped is None:

@@ -193,7 +193,7 @@ class Gateway:
             if decision.action == common_pb2.ACTION_OVERFLOW:
                 async with contextlib.aclosing(self._overflow(call, decision, request_id)) as fw:
                     async for response in fw:
-                        yield response
+                        yield _with_refusals(response, context)
                 return
             started = False
             serve = self._serve(call, decision, prompt, max_tokens, request_id)
@@ -202,7 +202,7 @@ class Gateway:
                 async with contextlib.aclosing(serve) as responses:
                     async for response in responses:
                         started = True
-                        yield response
+                        yield _with_refusals(response, context)
                 self._retry.on_success()
                 return
             except ReplicaError as exc:
@@ -219,6 +219,7 @@ class Gateway:
                         f"replica {decision.replica} failed the request; retry later",
                     ) from None
                 log.info("retrying %s after %s on %s", request_id, exc, decision.replica)
+                context.avoid_replicas.append(decision.replica)
         raise AssertionError("unreachable")
 
     def _context(
@@ -449,3 +450,12 @@ class Gateway:
             raise as_gateway_error(exc) from None
         finally:
             stream.cancel()
+
+
+def _with_refusals(
+    response: gateway_pb2.ChatResponse, context: common_pb2.RequestContext
+) -> gateway_pb2.ChatResponse:
+    """The route says which replicas refused the request before it ran (retries)."""
+    if context.avoid_replicas and response.HasField("route"):
+        response.route.refused_by.extend(context.avoid_replicas)
+    return response

@@ -3,7 +3,8 @@
 Thin: authenticate, build a ChatCall from the request and its metadata, stream
 `Gateway.chat`, and report where the request ran and why in initial and trailing metadata
 (`x-spillgate-region`, `-replica`, `-model`, `-version`, `-action`, `-reason`, `-queue-ms`,
-`-hops`). Errors end the stream with exactly one status from gateway/errors.py.
+`-hops`, and `-refused-by` when replicas refused it before a retry). Errors end the stream
+with exactly one status from gateway/errors.py.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ Authenticate = Callable[[Mapping[str, str], str], Caller]
 
 def route_metadata(route: gateway_pb2.RouteInfo) -> tuple[tuple[str, str], ...]:
     """Where and why, as `x-spillgate-*` pairs (gRPC metadata and HTTP headers alike)."""
+    refused = (("x-spillgate-refused-by", ",".join(route.refused_by)),) if route.refused_by else ()
     return (
         ("x-spillgate-region", route.region),
         ("x-spillgate-replica", route.replica),
@@ -42,6 +44,7 @@ def route_metadata(route: gateway_pb2.RouteInfo) -> tuple[tuple[str, str], ...]:
         ("x-spillgate-reason", route.reason),
         ("x-spillgate-queue-ms", f"{route.queue_ms:.1f}"),
         ("x-spillgate-hops", str(route.hops)),
+        *refused,
     )
 
 

@@ -8,7 +8,7 @@ import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from spillgate.replica.errors import TritonError, internal
+from spillgate.replica.errors import TritonError, internal, unavailable
 
 
 @dataclass
@@ -17,10 +17,13 @@ class FaultSettings:
     added_latency_ms: float = 0.0  # wall delay before each inference request executes
     stall: bool = False  # accept requests but answer none until cleared
     slow_factor: float = 1.0  # LLM model time runs this many times slower
+    refuse_rate: float = 0.0  # share of inference RPCs refused UNAVAILABLE before any work
 
     def validate(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError("error_rate must be within [0, 1]")
+        if not 0.0 <= self.refuse_rate <= 1.0:
+            raise ValueError("refuse_rate must be within [0, 1]")
         if self.added_latency_ms < 0:
             raise ValueError("added_latency_ms must be >= 0")
         if self.slow_factor < 1.0:
@@ -56,6 +59,7 @@ class Faults:
             added_latency_ms=float(merged["added_latency_ms"]),
             stall=merged["stall"],
             slow_factor=float(merged["slow_factor"]),
+            refuse_rate=float(merged["refuse_rate"]),
         )
         candidate.validate()
         self.settings = candidate
@@ -64,6 +68,12 @@ class Faults:
         else:
             self._unstalled.set()
         return candidate
+
+    def refuses(self) -> bool:
+        """Whether to refuse this inference RPC at the door (UNAVAILABLE, nothing run),
+        the way a server that is shutting down or shedding at its front end does."""
+        rate = self.settings.refuse_rate
+        return rate > 0 and self._rng.random() < rate
 
     async def before_inference(self) -> None:
         """Run the configured faults for one request (may wait, may raise)."""
@@ -76,3 +86,7 @@ class Faults:
 
 def injected() -> TritonError:
     return internal("injected fault: simulated backend failure")
+
+
+def refused() -> TritonError:
+    return unavailable("injected fault: the server refused the request before any work")

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from spillgate.replica.errors import TritonError, internal, invalid_arg
 from spillgate.replica.executions import Executions
-from spillgate.replica.faults import Faults
+from spillgate.replica.faults import Faults, refused
 from spillgate.replica.models import Params, Request, Response, validate
 from spillgate.replica.repository import LoadedModel, Repository
 from spillgate.replica.tensors import config_dtype, decode_inputs, encode_outputs
@@ -353,6 +353,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 stats.failure(elapsed, now_ms, reason)
 
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        if self.faults.refuses():
+            await _abort(context, refused())
         result: pb.ModelInferResponse | None = None
         try:
             async for model, req, resp in self._run(request, stream=False):
@@ -409,6 +411,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelStreamInfer(
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        if self.faults.refuses():
+            await _abort(context, refused())
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
