@@ -8,12 +8,14 @@ one runs `spillgate controlplane serve` as a process following the registry.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -23,12 +25,14 @@ import pytest
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import duration_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from spillgate._proto import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2
 from spillgate.controlplane.ads import start_server
 from spillgate.controlplane.cache import NodeStatus, SnapshotCache
 from spillgate.controlplane.envoy import Bootstrap, EnvoyProcess, free_port
+from spillgate.controlplane.metrics import ControlPlaneHTTP
 from spillgate.controlplane.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -56,7 +60,7 @@ from tests.fleet_helpers import (
 
 T = TypeVar("T")
 RTT_MS = 80.0
-_CP_READY = re.compile(r"spillgate controlplane ready grpc=(\S+)")
+_CP_READY = re.compile(r"spillgate controlplane ready grpc=(\S+)(?: metrics=(\S+))?")
 
 
 class AdsThread:
@@ -137,14 +141,22 @@ class Mesh:
     def registry(self) -> str:
         return self.us.registry.address
 
-    def state(self, draining: tuple[str, ...] = ()) -> dict[Key, registry_pb2.Entity]:
-        """Registry state with the named replicas DRAINING."""
+    def state(
+        self, draining: tuple[str, ...] = (), drained_regions: tuple[str, ...] = ()
+    ) -> dict[Key, registry_pb2.Entity]:
+        """Registry state with the named replicas DRAINING and regions drained (flag)."""
         out = state(self.entities)
         for key, entity in out.items():
-            if entity.WhichOneof("entity") == "replica" and entity.replica.id in draining:
+            which = entity.WhichOneof("entity")
+            if which == "replica" and entity.replica.id in draining:
                 copy = registry_pb2.Entity()
                 copy.CopyFrom(entity)
                 copy.replica.state = common_pb2.REPLICA_STATE_DRAINING
+                out[key] = copy
+            elif which == "region" and entity.region.id in drained_regions:
+                copy = registry_pb2.Entity()
+                copy.CopyFrom(entity)
+                copy.region.draining = True
                 out[key] = copy
         return out
 
@@ -276,6 +288,12 @@ def test_draining_region_spills_to_next_priority(
     assert {gateway_health(info.grpc_port) for _ in range(10)} == {"eu"}
     ads.set(build_snapshot(mesh.state(), {}, Mode.LOCAL, info))
     eventually(lambda: gateway_health(info.grpc_port) == "us", timeout=5)
+    # The operator drains the whole region (Region.draining): same spill, replicas untouched.
+    ads.set(build_snapshot(mesh.state(drained_regions=("us",)), {}, Mode.LOCAL, info))
+    eventually(lambda: gateway_health(info.grpc_port) == "eu", timeout=5)
+    assert {gateway_health(info.grpc_port) for _ in range(10)} == {"eu"}
+    ads.set(build_snapshot(mesh.state(), {}, Mode.LOCAL, info))
+    eventually(lambda: gateway_health(info.grpc_port) == "us", timeout=5)
 
 
 def test_mesh_hop_goes_to_the_named_region_after_the_rtt(
@@ -298,6 +316,9 @@ def test_nack_keeps_the_previous_config_serving(
     mesh: Mesh, ads: AdsThread, envoys: Callable[[Bootstrap], EnvoyProcess]
 ) -> None:
     info = node("us", Role.INGRESS)
+    # The control plane's metrics and status port, on the loop that owns the cache.
+    http = ControlPlaneHTTP(ads.cache)
+    port = asyncio.run_coroutine_threadsafe(http.start("127.0.0.1", 0), ads.loop).result(10)
     good = build_snapshot(mesh.state(), {}, Mode.LOCAL, info)
     ads.set(good)
     envoy = envoys(bootstrap(info, f"127.0.0.1:{ads.port}"))
@@ -320,6 +341,14 @@ def test_nack_keeps_the_previous_config_serving(
     assert status.acked[CLUSTER] == good.versions[CLUSTER]
     assert "broken" not in dynamic_names(envoy)["clusters"]
     assert eventually(lambda: gateway_health(info.grpc_port)) == "us"
+    metrics = xds_metrics(port)
+    assert metrics[("spillgate_xds_nacks_total", info.id)] == status.nacks >= 1
+    assert metrics[("spillgate_xds_serving_last_good", info.id)] == 1.0
+    assert metrics[("spillgate_xds_streams", info.id)] == 1.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+        reported = json.loads(resp.read())[info.id]
+    assert reported["last_nack"]["type_url"] == CLUSTER and reported["last_nack"]["message"]
+    assert reported["accepted_version"] == good.version != reported["latest_version"]
     # The next good snapshot is pushed and accepted.
     fixed = build_snapshot(mesh.state(draining=("us-1",)), {}, Mode.LOCAL, info)
     ads.set(fixed)
@@ -327,6 +356,20 @@ def test_nack_keeps_the_previous_config_serving(
     assert ads.status(info.id).nacks == status.nacks
     assert gateway_health(info.grpc_port) == "us"
     assert {ROUTE, ENDPOINT} <= set(ads.status(info.id).acked)
+    assert xds_metrics(port)[("spillgate_xds_serving_last_good", info.id)] == 0.0
+    asyncio.run_coroutine_threadsafe(http.stop(), ads.loop).result(10)
+
+
+def xds_metrics(port: int) -> dict[tuple[str, str], float]:
+    """(sample name, node) -> value from the control plane's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (sample.name, sample.labels["node"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "node" in sample.labels
+    }
 
 
 def start_controlplane(registry: str, port: int = 0) -> ServiceProcess:
@@ -339,6 +382,8 @@ def start_controlplane(registry: str, port: int = 0) -> ServiceProcess:
         str(port),
         "--mode",
         "local",
+        "--metrics-port",
+        "0",
     ]
     return start_service(args, _CP_READY)
 
@@ -360,6 +405,8 @@ def test_controlplane_restart_resyncs_and_drain_reaches_envoy_within_a_second(
         cp = start_controlplane(mesh.registry, int(xds.rsplit(":", 1)[1]))
         eventually(lambda: any("node mesh-us connected" in line for line in cp.output))
         eventually(lambda: "control_plane.connected_state: 1" in envoy.get("/stats"))
+        metrics_port = int(cp.ready[1].rsplit(":", 1)[1])
+        eventually(lambda: xds_metrics(metrics_port).get(("spillgate_xds_acks_total", info.id)))
         # Drain us-1 in the registry: Envoy marks it DRAINING within a second.
         drained = mesh.replica_endpoint("us-1")
         entity = mesh.state(draining=("us-1",))

@@ -10,6 +10,8 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+from envoy.extensions.load_balancing_policies.ring_hash.v3 import ring_hash_pb2
 
 from spillgate._proto import common_pb2, registry_pb2
 from spillgate.controlplane.app import snapshot_yaml
@@ -26,7 +28,7 @@ from spillgate.controlplane.snapshot import (
     check_consistent,
 )
 from spillgate.controlplane.view import Mode, NodeInfo, Role
-from spillgate.registry.store import Key, entity_key
+from spillgate.registry.store import REGION, Key, entity_key
 
 RTT = {("us", "eu"): 80.0, ("us", "apac"): 150.0, ("eu", "apac"): 210.0}
 PORTS = {"us": 1000, "eu": 2000, "apac": 3000}
@@ -146,6 +148,21 @@ def test_draining_replica_and_region_reach_eds_as_draining() -> None:
     )
 
 
+def test_a_region_drained_by_its_flag_drains_its_gateways_though_its_replicas_serve() -> None:
+    state = world()
+    state[(REGION, "apac")].region.draining = True
+    ingress = build_snapshot(state, {}, Mode.PROD, INGRESS_US)
+    by_region = {
+        loc.locality.region: loc.lb_endpoints[0].health_status
+        for loc in cla(ingress, INGRESS_GATEWAY).endpoints
+    }
+    assert by_region["apac"] == health_check_pb2.DRAINING
+    assert by_region["us"] == by_region["eu"] == health_check_pb2.HEALTHY
+    own = build_snapshot(state, {}, Mode.PROD, NodeInfo("apac", Role.MESH, 10002))
+    statuses = {e.health_status for e in cla(own, "replicas|apac").endpoints[0].lb_endpoints}
+    assert statuses == {health_check_pb2.HEALTHY}  # running requests finish
+
+
 def test_local_mode_delays_inter_region_routes_by_rtt() -> None:
     for mode, expected in ((Mode.LOCAL, {"eu": 80.0, "apac": 150.0}), (Mode.PROD, {})):
         snapshot = build_snapshot(world(), {}, mode, MESH_US)
@@ -165,13 +182,38 @@ def test_admission_cluster_hashes_sessions_with_bounded_load() -> None:
     snapshot = build_snapshot(world(), {}, Mode.PROD, INGRESS_US)
     cluster = snapshot.get(CLUSTER)["admission|us"]
     assert isinstance(cluster, cluster_pb2.Cluster)
-    assert cluster.lb_policy == cluster_pb2.Cluster.RING_HASH
-    assert cluster.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value == 150
-    routes = snapshot.get(ROUTE)["ingress_grpc"]
-    assert isinstance(routes, route_pb2.RouteConfiguration)
-    first = routes.virtual_hosts[0].routes[0]
-    assert first.route.cluster == "admission|us"
-    assert first.route.hash_policy[0].header.header_name == "x-session-id"
+    # The host a Release names first (where its ticket lives), else ring hash, bounded load.
+    policy = cluster.load_balancing_policy.policies[0].typed_extension_config
+    override = override_host_pb2.OverrideHost()
+    assert policy.typed_config.Unpack(override)
+    assert [s.header for s in override.override_host_sources] == ["x-spillgate-admission-host"]
+    fallback = override.fallback_policy.policies[0].typed_extension_config
+    ring = ring_hash_pb2.RingHash()
+    assert fallback.typed_config.Unpack(ring)
+    assert ring.consistent_hashing_lb_config.hash_balance_factor.value == 150
+    for node, name in ((INGRESS_US, "ingress_grpc"), (MESH_US, "mesh")):
+        routes = build_snapshot(world(), {}, Mode.PROD, node).get(ROUTE)[name]
+        assert isinstance(routes, route_pb2.RouteConfiguration)
+        route = next(r for r in routes.virtual_hosts[0].routes if "admission" in r.route.cluster)
+        assert route.route.cluster == "admission|us"
+        assert route.route.hash_policy[0].header.header_name == "x-session-id"
+        [added] = route.response_headers_to_add
+        assert (added.header.key, added.header.value) == (
+            "x-spillgate-admission-host",
+            "%UPSTREAM_REMOTE_ADDRESS%",
+        )
+
+
+def test_every_admission_instance_of_a_region_is_an_endpoint() -> None:
+    state = world()
+    region = state[(REGION, "us")].region
+    region.admission_endpoint = "127.0.0.1:7101"
+    region.admission_endpoints.extend(["127.0.0.1:7101", "127.0.0.1:7102"])
+    snapshot = build_snapshot(state, {}, Mode.PROD, MESH_US)
+    cla = snapshot.get(ENDPOINT)["admission|us"]
+    assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+    ports = [e.endpoint.address.socket_address.port_value for e in cla.endpoints[0].lb_endpoints]
+    assert ports == [7101, 7102]
 
 
 def test_builder_is_deterministic() -> None:

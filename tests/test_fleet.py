@@ -39,14 +39,17 @@ default_targets = [{ model = "llm-small", version = "v1", weight = 100 }]
 """
 
 
-def fleet_spec(replicas: dict[str, int], speed: float = 50.0) -> str:
-    """A spec with these regions (id -> replica count), llm-small placed everywhere."""
+def fleet_spec(
+    replicas: dict[str, int], speed: float = 50.0, admissions: dict[str, int] | None = None
+) -> str:
+    """A spec with these regions (id -> replica count, and admission instances where not
+    1), llm-small placed everywhere."""
     parts = [f"[fleet]\nspeed = {speed}\nlease_ms = 600\nstartup_timeout_s = 30\n"]
     for rid, n in replicas.items():
         rtt = ", ".join(f"{p} = 80" for p in replicas if p != rid)
         parts.append(
             f'[[region]]\nid = "{rid}"\nresidency_zone = "{rid}"\n'
-            f"rtt_ms = {{ {rtt} }}\nreplicas = {n}\n"
+            f"rtt_ms = {{ {rtt} }}\nreplicas = {n}\nadmissions = {(admissions or {}).get(rid, 1)}\n"
         )
     parts.append(REGISTRY_PART)
     for rid in replicas:
@@ -100,6 +103,18 @@ def test_built_in_spec_is_three_uneven_regions_with_published_rtts() -> None:
         ),
         (lambda s: s.replace("[fleet]", "[fleet"), "not valid TOML"),
         (lambda s: s.replace("[fleet]", '[fleet]\nenvoy = "yes"'), "fleet.envoy must be true"),
+        (lambda s: s.replace("admissions = 1", "admissions = 0", 1), "region[0].admissions"),
+        (lambda s: s.replace("admissions = 1", "admissions = 9", 1), "at most 8, got 9"),
+        (
+            lambda s: s.replace("admissions = 1", "admissions = 2", 1).replace(
+                "[fleet]", "[fleet]\nenvoy = false"
+            ),
+            "2 instances need fleet.envoy = true",
+        ),
+        (
+            lambda s: s.replace('id = "us"\n', 'id = "us"\nadmission_endpoints = ["x:1"]\n'),
+            "region[0].admission_endpoints: leave it out",
+        ),
     ],
 )
 def test_spec_errors_name_the_field(edit: object, message: str) -> None:

@@ -1,8 +1,9 @@
 """`spillgate up` with Envoy: ingress Envoys are the public endpoints, overflow hops go
 through the mesh Envoys (which add the emulated RTT), and a stop leaves no Envoy behind.
 
-One fleet (us with two replicas, eu with one, RTT 80 ms) for the module, run in the
-foreground like a user would; the last test stops it with SIGTERM.
+One fleet (us with two replicas and two admission instances, eu with one of each, RTT
+80 ms) for the module, run in the foreground like a user would; the last test stops it with
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ from typing import Any
 import grpc
 import pytest
 
-from spillgate._proto import common_pb2, gateway_pb2, gateway_pb2_grpc
-from spillgate.controlplane.snapshot import DESTINATION_REGION_HEADER
+from spillgate._proto import (
+    admission_pb2,
+    admission_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+)
+from spillgate.controlplane.snapshot import (
+    ADMISSION_HOST_HEADER,
+    DESTINATION_REGION_HEADER,
+    SESSION_HEADER,
+)
 from spillgate.fleet.state import pid_alive
-from spillgate.gateway.chat import DESTINATION_REGION_KEY
+from spillgate.gateway.chat import ADMISSION_HASH_KEY, ADMISSION_HOST_KEY, DESTINATION_REGION_KEY
 from tests.conftest import eventually
 from tests.test_fleet import Up, fleet_spec, spillgate
 
@@ -47,7 +58,7 @@ class Running:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("fleet_envoy")
-    (root / "fleet.toml").write_text(fleet_spec({"us": 2, "eu": 1}))
+    (root / "fleet.toml").write_text(fleet_spec({"us": 2, "eu": 1}, admissions={"us": 2}))
     state = root / "state"
     up = Up(root / "fleet.toml", state)
     try:
@@ -88,8 +99,96 @@ def upstream_requests(admin: str, cluster: str) -> int:
     return sum(int(s["value"]) for s in stats)
 
 
-def test_the_gateway_names_the_header_the_mesh_routes_on() -> None:
+def test_the_gateway_names_the_headers_the_mesh_routes_on() -> None:
     assert DESTINATION_REGION_KEY == DESTINATION_REGION_HEADER
+    assert (ADMISSION_HASH_KEY, ADMISSION_HOST_KEY) == (SESSION_HEADER, ADMISSION_HOST_HEADER)
+
+
+def admission_host_requests(admin: str, cluster: str) -> dict[str, int]:
+    """Requests each host of `cluster` has taken (ip:port -> rq_total), from /clusters."""
+    with urllib.request.urlopen(f"http://{admin}/clusters?format=json", timeout=5) as resp:
+        body = json.loads(resp.read())
+    [entry] = [c for c in body["cluster_statuses"] if c["name"] == cluster]
+    out = {}
+    for host in entry.get("host_statuses", []):
+        address = host["address"]["socket_address"]
+        stats = {s["name"]: int(s.get("value", 0)) for s in host["stats"]}
+        out[f"{address['address']}:{address['port_value']}"] = stats.get("rq_total", 0)
+    return out
+
+
+def test_several_admission_instances_keep_a_session_on_one(fleet: Running) -> None:
+    """us runs two admission instances; its gateway reaches them through the mesh Envoy,
+    which ring-hashes x-session-id: one session's Admits and Releases all land on one
+    instance, while many sessions use both."""
+    us = fleet.region("us")
+    instances = sorted(a["grpc"] for a in us["admissions"])
+    assert len(instances) == 2 and us["admission"]["grpc"] in instances
+    admin = us["mesh"]["admin"]
+    eventually(lambda: chat(us["ingress"]["grpc"], fleet.key))
+    assert sorted(admission_host_requests(admin, "admission|us")) == instances
+
+    before = admission_host_requests(admin, "admission|us")
+    for _ in range(6):
+        route, _ = chat(us["ingress"]["grpc"], fleet.key, session_id="sticky-1")
+        assert route.region == "us"
+    after = admission_host_requests(admin, "admission|us")
+    grew = {h: after[h] - before[h] for h in instances if after[h] > before[h]}
+    assert len(grew) == 1 and next(iter(grew.values())) >= 12, grew  # Admit + Release each
+
+    before = after
+    for i in range(24):
+        chat(us["ingress"]["grpc"], fleet.key, session_id=f"spread-{i}")
+    after = admission_host_requests(admin, "admission|us")
+    assert all(after[h] > before[h] for h in instances), (before, after)
+    log = (fleet.state / "logs" / "gateway-us.log").read_text()
+    assert "its lease will expire" not in log  # every Release found its ticket
+
+
+def test_a_ticket_call_naming_its_instance_reaches_it_whatever_the_session(
+    fleet: Running,
+) -> None:
+    """The mesh answers an Admit with the instance it reached; a RenewTicket that names
+    that instance gets there even when its x-session-id hashes to the other one."""
+    mesh = fleet.region("us")["mesh"]["grpc"]
+    context = common_pb2.RequestContext(model="chat", prompt_tokens=4, max_tokens=4)
+    with grpc.insecure_channel(mesh) as channel:
+        stub = admission_pb2_grpc.AdmissionServiceStub(channel)
+
+        def admit() -> tuple[common_pb2.Decision, str]:
+            context.request_id = context.session_id = f"ticket-{time.monotonic_ns()}"
+            response, call = stub.Admit.with_call(
+                admission_pb2.AdmitRequest(context=context),
+                metadata=((SESSION_HEADER, context.session_id),),
+                timeout=10,
+            )
+            host = dict(call.initial_metadata())[ADMISSION_HOST_HEADER]
+            return response.decision, host
+
+        decision, host = eventually(admit)
+        assert decision.ticket.id and host in [a["grpc"] for a in fleet.region("us")["admissions"]]
+        renewed_elsewhere = 0
+        for i in range(16):  # sessions that hash to either instance
+            renew = admission_pb2.RenewTicketRequest(ticket_id=decision.ticket.id)
+            stub.RenewTicket(
+                renew,
+                metadata=((SESSION_HEADER, f"other-{i}"), (ADMISSION_HOST_HEADER, host)),
+                timeout=5,
+            )
+            _, call = stub.Admit.with_call(
+                admission_pb2.AdmitRequest(context=context, dry_run=True),
+                metadata=((SESSION_HEADER, f"other-{i}"),),
+                timeout=10,
+            )
+            renewed_elsewhere += dict(call.initial_metadata())[ADMISSION_HOST_HEADER] != host
+        assert renewed_elsewhere > 0, "no session hashed to the other instance: nothing proved"
+        stub.Release(
+            admission_pb2.ReleaseRequest(
+                ticket_id=decision.ticket.id, outcome=admission_pb2.OUTCOME_CANCELLED
+            ),
+            metadata=((ADMISSION_HOST_HEADER, host),),
+            timeout=5,
+        )
 
 
 def test_up_prints_the_ingress_ports_as_the_public_endpoints(fleet: Running) -> None:
@@ -111,6 +210,12 @@ def test_up_prints_the_ingress_ports_as_the_public_endpoints(fleet: Running) -> 
         assert f"{rid:<6}  ingress (public)  {ingress['grpc']}  {ingress['http']}" in text
         assert entry["gateway"]["grpc"] not in (ingress["grpc"], mesh["grpc"])
     assert fleet.endpoints["controlplane"]["grpc"]
+    # The control plane's metrics: every Envoy ACKed its config and none rejected one.
+    with urllib.request.urlopen(fleet.endpoints["controlplane"]["metrics"], timeout=5) as resp:
+        metrics = resp.read().decode()
+    for node in ("ingress-us", "mesh-us", "ingress-eu", "mesh-eu"):
+        assert f'spillgate_xds_nacks_total{{node="{node}"}} 0.0' in metrics, metrics
+        assert f'spillgate_xds_streams{{node="{node}"}} 1.0' in metrics, metrics
     got = spillgate("endpoints", "--json", state=fleet.state)
     assert got.returncode == 0 and json.loads(got.stdout) == fleet.endpoints
     # The OpenAI HTTP API through the ingress: the gateway's HTTP endpoint reached the

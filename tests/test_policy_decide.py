@@ -105,6 +105,15 @@ def test_overflow_fit_to_nearest_neighbour_with_headroom() -> None:
     assert d.ticket is None and policy.overflow_out_total == 1
 
 
+def test_overflow_skips_a_drained_neighbour_region() -> None:
+    policy = make_policy(fleet=make_fleet(draining=frozenset({"us-west"})))
+    saturate(policy, 0.0)
+    for region in ("us-west", "eu"):
+        policy.observe_neighbour(neighbour(region, 0.0), 0.0)
+    d = policy.decide(req(), 0.0)
+    assert (d.action, d.reason, d.region) == (Action.OVERFLOW, Reason.OVERFLOW_FIT, "eu")
+
+
 def test_overflow_skips_neighbour_whose_prediction_misses_budget() -> None:
     policy = make_policy()
     saturate(policy, 0.0)

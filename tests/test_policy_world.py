@@ -43,11 +43,15 @@ LOCAL_8B = ("us-0", "us-1", "us-2", "us-3")
 
 
 def make_fleet(
-    states: dict[str, ReplicaStatus] | None = None, per_region: int = 0, slots: int = SLOTS
+    states: dict[str, ReplicaStatus] | None = None,
+    per_region: int = 0,
+    slots: int = SLOTS,
+    draining: frozenset[str] = frozenset(),
 ) -> FleetView:
-    """The test fleet; ``states`` overrides replica states; ``per_region`` adds replicas."""
+    """The test fleet; ``states`` overrides replica states; ``per_region`` adds replicas;
+    ``draining`` names drained regions."""
     states = states or {}
-    regions = [RegionInfo(r, ZONES[r], f"gw-{r}:443", RTT[r]) for r in RTT]
+    regions = [RegionInfo(r, ZONES[r], f"gw-{r}:443", RTT[r], r in draining) for r in RTT]
     models = [ModelInfo("llama-8b", 4096, "llama-1b"), ModelInfo("llama-1b", 2048)]
     versions = [VersionInfo(m, v, TRITON[(m, v)]) for (m, v) in TRITON]
     chat = AliasInfo(

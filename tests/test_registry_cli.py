@@ -141,17 +141,26 @@ def test_apply_refuses_invalid_specs_with_the_registrys_reason(
     assert run(registry, "apply", "-f", str(tmp_path / "missing.toml"))[0] == 2
 
 
-def test_get_tables_json_and_not_found(registry: Registry) -> None:
+def test_get_tables_json_and_not_found(registry: Registry, tmp_path: Path) -> None:
     assert run(registry, "apply", "-f", str(EXAMPLE))[0] == 0
     _, out = run(registry, "get", "regions")
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "ZONE", "NAME", "RTT_MS", "GATEWAY", "ADMISSION"]
+    assert lines[0].split() == ["ID", "ZONE", "NAME", "RTT_MS", "GATEWAY", "ADMISSION", "STATE"]
     assert [line.split()[0] for line in lines[1:]] == ["apac", "eu", "us"]
     assert "eu=80.5" in lines[3]
+    assert all(line.split()[-1] == "serving" for line in lines[1:])
+    # An operator drains a region by applying it with `draining = true`.
+    drained = tmp_path / "drained.toml"
+    drained.write_text(
+        EXAMPLE.read_text().replace('id = "apac"\n', 'id = "apac"\ndraining = true\n', 1)
+    )
+    assert run(registry, "apply", "-f", str(drained))[0] == 0
+    _, out = run(registry, "get", "regions")
+    assert [line.split()[-1] for line in out.splitlines()[1:]] == ["draining", "serving", "serving"]
 
     _, out = run(registry, "get", "version", "llm-large@v1", "-o", "json")
     body = json.loads(out)
-    assert body["revision"] == 1 and body["items"][0]["triton_model_name"] == "llm-large"
+    assert body["revision"] == 2 and body["items"][0]["triton_model_name"] == "llm-large"
 
     assert run(registry, "get", "model", "nope")[0] == 1
     assert run(registry, "get", "gizmos")[0] == 2

@@ -47,6 +47,7 @@ from spillgate.registry.store import (
     apply_changes,
     state_from_snapshot,
 )
+from spillgate.registry.validate import admission_endpoints
 
 STORES = ["sqlite", "consul-fake", "consul"]
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
@@ -153,6 +154,22 @@ def region(id: str = "us", zone: str = "us", name: str = "") -> registry_pb2.Ent
     return registry_pb2.Entity(
         region=registry_pb2.Region(id=id, residency_zone=zone, display_name=name)
     )
+
+
+def _admissions(endpoints: list[str], one: str = "") -> registry_pb2.Entity:
+    entity = region()
+    entity.region.admission_endpoints.extend(endpoints)
+    entity.region.admission_endpoint = one
+    return entity
+
+
+def test_admission_endpoints_list_every_instance() -> None:
+    assert admission_endpoints(region().region) == ()
+    single = region().region
+    single.admission_endpoint = "a:1"
+    assert admission_endpoints(single) == ("a:1",)
+    several = _admissions(["a:1", "a:2"], one="a:2").region
+    assert admission_endpoints(several) == ("a:1", "a:2")
 
 
 def model(id: str = "llama", fallback: str = "", tokens: int = 8192) -> registry_pb2.Entity:
@@ -286,6 +303,9 @@ def test_create_time_is_set_by_the_store(store: Store) -> None:
         (region(id=""), "region.id"),
         (region(id="US"), "region.id"),
         (region(zone=""), "region.residency_zone"),
+        (_admissions(["a:1", "a:1"]), "region.admission_endpoints"),
+        (_admissions(["a:1", ""]), "region.admission_endpoints"),
+        (_admissions(["a:1", "a:2"], one="a:3"), "region.admission_endpoint"),
         (model(id=""), "model.id"),
         (registry_pb2.Entity(model=registry_pb2.Model(id="m")), "model.kind"),
         (version(v=""), "version.version"),

@@ -143,6 +143,8 @@ class Region(_message.Message):
     GATEWAY_ENDPOINT_FIELD_NUMBER: _builtins.int
     ADMISSION_ENDPOINT_FIELD_NUMBER: _builtins.int
     GATEWAY_HTTP_ENDPOINT_FIELD_NUMBER: _builtins.int
+    ADMISSION_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Region id ("us", "eu", "apac")."""
     display_name: _builtins.str
@@ -152,10 +154,14 @@ class Region(_message.Message):
     gateway_endpoint: _builtins.str
     """Gateway gRPC endpoint "host:port" (what peers forward overflow to)."""
     admission_endpoint: _builtins.str
-    """Admission gRPC endpoint "host:port"."""
+    """Admission gRPC endpoint "host:port" (one instance; see admission_endpoints for more)."""
     gateway_http_endpoint: _builtins.str
     """Gateway OpenAI-compatible HTTP endpoint "host:port" (what the region's ingress
     Envoy proxies HTTP to); empty = the region's gateway serves no HTTP API.
+    """
+    draining: _builtins.bool
+    """The operator drained the whole region: its ingress sends new requests to the next
+    region by RTT, peers stop overflowing into it, and requests already running finish.
     """
     @_builtins.property
     def location(self) -> _common_pb2.Location:
@@ -164,6 +170,14 @@ class Region(_message.Message):
     @_builtins.property
     def rtt_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Measured round-trip time to peer regions: peer region id -> RTT in milliseconds."""
+
+    @_builtins.property
+    def admission_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every admission instance of the region ("host:port"), when it runs more than one:
+        the region's mesh Envoy hashes `x-session-id` onto one of them (ring hash), so a
+        session's state stays on one instance. Empty = admission_endpoint is the only one; when
+        both are set, admission_endpoint must be one of these.
+        """
 
     def __init__(
         self,
@@ -176,10 +190,12 @@ class Region(_message.Message):
         gateway_endpoint: _builtins.str = ...,
         admission_endpoint: _builtins.str = ...,
         gateway_http_endpoint: _builtins.str = ...,
+        admission_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_endpoint", b"admission_endpoint", "display_name", b"display_name", "gateway_endpoint", b"gateway_endpoint", "gateway_http_endpoint", b"gateway_http_endpoint", "id", b"id", "location", b"location", "residency_zone", b"residency_zone", "rtt_ms", b"rtt_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_endpoint", b"admission_endpoint", "admission_endpoints", b"admission_endpoints", "display_name", b"display_name", "draining", b"draining", "gateway_endpoint", b"gateway_endpoint", "gateway_http_endpoint", b"gateway_http_endpoint", "id", b"id", "location", b"location", "residency_zone", b"residency_zone", "rtt_ms", b"rtt_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -37,6 +37,7 @@ from spillgate.core.policy_config import PolicyConfig
 from spillgate.core.signals import ModelLoad, Signals
 from spillgate.registry.client import RegistryClient
 from spillgate.registry.store import MODEL, REGION, REPLICA
+from spillgate.registry.validate import admission_endpoints
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = admission_pb2.DESCRIPTOR.services_by_name["AdmissionService"].full_name
@@ -134,7 +135,7 @@ class Admission:
         self.health.set_targets(checks)
         self.peers.set_targets(
             {
-                e.region.id: e.region.admission_endpoint
+                e.region.id: admission_endpoints(e.region)
                 for (kind, _), e in state.items()
                 if kind == REGION and e.region.id != self.region
             }

@@ -71,7 +71,9 @@ def fleet_from_state(state: Mapping[Key, registry_pb2.Entity], revision: int) ->
     for (kind, _), e in sorted(state.items()):
         if kind == REGION:
             r = e.region
-            regions.append(RegionInfo(r.id, r.residency_zone, r.gateway_endpoint, dict(r.rtt_ms)))
+            regions.append(
+                RegionInfo(r.id, r.residency_zone, r.gateway_endpoint, dict(r.rtt_ms), r.draining)
+            )
         elif kind == MODEL:
             m = e.model
             models.append(ModelInfo(m.id, m.max_output_tokens or 4096, m.fallback_model))

@@ -4,7 +4,9 @@ Each failed or ended subscription is reported (`on_failure`), which feeds the ne
 circuit breaker; each summary received counts as a success.
 
 One task per neighbour keeps a stream open and hands every RegionSummary to a callback;
-after any failure it reconnects with capped, jittered backoff. The policy ages summaries
+after any failure it reconnects with capped, jittered backoff, to the region's next admission
+instance when it runs several (each instance scrapes the same replicas, so any one of them
+speaks for the region). The policy ages summaries
 itself: a neighbour whose stream is down simply stops being fresh and so is never an
 overflow target (DESIGN.md principle 6).
 """
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -59,20 +61,22 @@ class Peers:
         self._on_failure = on_failure or (lambda region: None)
         self._config = config or PeersConfig()
         self._rng = rng or random.Random()
-        self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._tasks: dict[str, tuple[tuple[str, ...], asyncio.Task[None]]] = {}
         self.connected: dict[str, bool] = {}
 
-    def set_targets(self, endpoints: Mapping[str, str]) -> None:
-        """Neighbour region -> admission endpoint; starts, restarts or stops subscriptions."""
-        for region, (endpoint, task) in list(self._tasks.items()):
-            if endpoints.get(region) != endpoint:
+    def set_targets(self, endpoints: Mapping[str, Sequence[str]]) -> None:
+        """Neighbour region -> its admission instances' endpoints; starts, restarts or stops
+        subscriptions."""
+        wanted = {r: tuple(e for e in eps if e) for r, eps in endpoints.items()}
+        for region, (current, task) in list(self._tasks.items()):
+            if wanted.get(region) != current:
                 task.cancel()
                 del self._tasks[region]
                 self.connected.pop(region, None)
-        for region, endpoint in endpoints.items():
-            if region != self._region and endpoint and region not in self._tasks:
-                task = asyncio.create_task(self._follow(region, endpoint), name=f"peer-{region}")
-                self._tasks[region] = (endpoint, task)
+        for region, instances in wanted.items():
+            if region != self._region and instances and region not in self._tasks:
+                task = asyncio.create_task(self._follow(region, instances), name=f"peer-{region}")
+                self._tasks[region] = (instances, task)
 
     async def close(self) -> None:
         tasks = [task for _, task in self._tasks.values()]
@@ -83,13 +87,16 @@ class Peers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _follow(self, region: str, endpoint: str) -> None:
+    async def _follow(self, region: str, instances: tuple[str, ...]) -> None:
         c = self._config
         delay = c.backoff_initial_s
         request = admission_pb2.WatchRegionRequest(
             subscriber_region=self._region, interval_ms=c.interval_ms
         )
+        attempt = 0
         while True:
+            endpoint = instances[attempt % len(instances)]
+            attempt += 1
             try:
                 async with grpc.aio.insecure_channel(endpoint, options=_KEEPALIVE) as channel:
                     stub = admission_pb2_grpc.AdmissionServiceStub(channel)

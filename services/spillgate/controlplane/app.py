@@ -32,6 +32,7 @@ from spillgate._proto import common_pb2
 from spillgate.admission.peers import Peers, PeersConfig
 from spillgate.controlplane.ads import start_server
 from spillgate.controlplane.cache import SnapshotCache
+from spillgate.controlplane.metrics import ControlPlaneHTTP
 from spillgate.controlplane.snapshot import (
     TYPE_ORDER,
     BuildConfig,
@@ -42,6 +43,7 @@ from spillgate.controlplane.snapshot import (
 from spillgate.controlplane.view import Mode, NodeIdError, NodeInfo, Role
 from spillgate.registry.client import RegistryClient
 from spillgate.registry.store import REGION, REPLICA
+from spillgate.registry.validate import admission_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,7 @@ class ControlPlane:
             return
         self.rebuilds += 1
         admissions = {
-            e.region.id: e.region.admission_endpoint for e in self.registry.entities(REGION)
+            e.region.id: admission_endpoints(e.region) for e in self.registry.entities(REGION)
         }
         self._peers.set_targets(admissions)
         for info in list(self._nodes.values()):
@@ -183,8 +185,10 @@ async def serve(
     port: int,
     config: ControlPlaneConfig,
     stop: asyncio.Event | None = None,
+    metrics_port: int = -1,
 ) -> None:
-    """Serve ADS until `stop` is set or SIGINT/SIGTERM; prints the ready line."""
+    """Serve ADS (and /metrics + /status on `metrics_port` unless it is -1) until `stop` is
+    set or SIGINT/SIGTERM; prints the ready line."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -193,11 +197,16 @@ async def serve(
     cache = SnapshotCache()
     plane = ControlPlane(registry, cache, config)
     server, bound = await start_server(cache, host, port, on_node=plane.on_node)
+    http = ControlPlaneHTTP(cache)
     try:
         await plane.start()
-        print(f"spillgate controlplane ready grpc={host}:{bound}", flush=True)
+        metrics = ""
+        if metrics_port >= 0:
+            metrics = f" metrics={host}:{await http.start(host, metrics_port)}"
+        print(f"spillgate controlplane ready grpc={host}:{bound}{metrics}", flush=True)
         await stop.wait()
     finally:
+        await http.stop()
         await server.stop(grace=1.0)
         await plane.close()
 
@@ -263,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_p = sub.choices["serve"]
     serve_p.add_argument("--host", default="127.0.0.1")
     serve_p.add_argument("--port", type=int, default=18000, help="ADS gRPC port; 0 = any free")
+    serve_p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="HTTP port for /metrics (ACK/NACK counts) and /status; 0 = any free, -1 = none",
+    )
     serve_p.add_argument("--log-level", default="INFO")
     dump_p = sub.choices["dump"]
     dump_p.add_argument("--node", required=True, help="node id: ingress-<region> | mesh-<region>")
@@ -294,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            asyncio.run(serve(args.registry, args.host, args.port, config))
+            asyncio.run(
+                serve(args.registry, args.host, args.port, config, metrics_port=args.metrics_port)
+            )
         except OSError as exc:
             print(f"spillgate controlplane: {exc}", file=sys.stderr)
             return 1

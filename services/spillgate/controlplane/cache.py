@@ -87,6 +87,10 @@ class SnapshotCache:
     def nodes(self) -> list[str]:
         return sorted(self._snapshots)
 
+    def known_nodes(self) -> list[str]:
+        """Nodes with a snapshot or that ever opened a stream."""
+        return sorted(set(self._snapshots) | set(self._status))
+
     def status(self, node_id: str) -> NodeStatus:
         """A copy of the node's status (a zero status for unknown nodes)."""
         status = self._status.get(node_id, NodeStatus())

@@ -28,6 +28,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+from envoy.extensions.load_balancing_policies.ring_hash.v3 import ring_hash_pb2
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -161,34 +162,35 @@ def grpc_health_check(interval_ms: int) -> health_check_pb2.HealthCheck:
     )
 
 
-def override_host_policy() -> cluster_pb2.LoadBalancingPolicy:
-    """Use the host named in DESTINATION_ENDPOINT_HEADER, else round robin."""
-    fallback = cluster_pb2.LoadBalancingPolicy(
-        policies=[
-            cluster_pb2.LoadBalancingPolicy.Policy(
-                typed_extension_config=extension_pb2.TypedExtensionConfig(
-                    name="envoy.load_balancing_policies.round_robin",
-                    typed_config=pack(round_robin_pb2.RoundRobin()),
-                )
-            )
-        ]
-    )
-    override = override_host_pb2.OverrideHost(
-        override_host_sources=[
-            override_host_pb2.OverrideHost.OverrideHostSource(header=DESTINATION_ENDPOINT_HEADER)
-        ],
-        fallback_policy=fallback,
-    )
+def _policy(name: str, config: Message) -> cluster_pb2.LoadBalancingPolicy:
     return cluster_pb2.LoadBalancingPolicy(
         policies=[
             cluster_pb2.LoadBalancingPolicy.Policy(
                 typed_extension_config=extension_pb2.TypedExtensionConfig(
-                    name="envoy.load_balancing_policies.override_host",
-                    typed_config=pack(override),
+                    name=name, typed_config=pack(config)
                 )
             )
         ]
     )
+
+
+def override_host_policy(
+    header: str = DESTINATION_ENDPOINT_HEADER, hash_balance_factor: int = 0
+) -> cluster_pb2.LoadBalancingPolicy:
+    """Use the host named in `header`, else round robin; with `hash_balance_factor`, else
+    ring hash with that bounded load (the route's hash policy supplies the key)."""
+    if hash_balance_factor:
+        ring = ring_hash_pb2.RingHash()
+        ring.consistent_hashing_lb_config.hash_balance_factor.value = hash_balance_factor
+        fallback = _policy("envoy.load_balancing_policies.ring_hash", ring)
+    else:
+        rr = round_robin_pb2.RoundRobin()
+        fallback = _policy("envoy.load_balancing_policies.round_robin", rr)
+    override = override_host_pb2.OverrideHost(
+        override_host_sources=[override_host_pb2.OverrideHost.OverrideHostSource(header=header)],
+        fallback_policy=fallback,
+    )
+    return _policy("envoy.load_balancing_policies.override_host", override)
 
 
 # -- endpoints --------------------------------------------------------------------------------
@@ -235,6 +237,7 @@ def grpc_route(
     header: tuple[str, str] | None = None,
     hash_header: str = "",
     delay_ms: float = 0.0,
+    upstream_host_header: str = "",
 ) -> route_components_pb2.Route:
     """A route for gRPC calls of any length (streams included).
 
@@ -263,6 +266,17 @@ def grpc_route(
             )
         )
     route = route_components_pb2.Route(name=f"{cluster}{prefix}", match=match, route=action)
+    if upstream_host_header:
+        # Tells the caller which host served it (ip:port), so its follow-up calls can name
+        # that host (override_host_policy).
+        route.response_headers_to_add.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(
+                    key=upstream_host_header, value="%UPSTREAM_REMOTE_ADDRESS%"
+                ),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
     if delay_ms > 0:
         fault = fault_pb2.HTTPFault(
             delay=common_fault_pb2.FaultDelay(

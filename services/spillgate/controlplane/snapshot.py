@@ -14,14 +14,17 @@ ingress-<R> (a region's front door)
     from R; one locality per region weighted by live headroom; outlier detection, active
     gRPC health checks and circuit breakers. A region whose gateways all fail (or that is
     draining) is skipped through priorities.
-  cluster `admission|R`: ring hash on `x-session-id` with a hash balance factor (bounded
-    load), for zero-proxy callers.
+  cluster `admission|R`: R's admission instances. An Admit is ring-hashed on `x-session-id`
+    with a hash balance factor (bounded load); the route answers with the instance it
+    reached in `x-spillgate-admission-host`, and a RenewTicket/Release that sends that
+    header back goes to exactly that instance (override_host), where the ticket lives.
 mesh-<R> (the egress R's gateway uses for overflow hops; also its admission and replicas)
   listener `mesh`: a call with `x-spillgate-destination-region: R2` goes to `gateway|R2`,
     whose circuit breakers cap the spill from R to R2; in local mode the route delays each
     call by RTT(R, R2) so one machine feels like several regions. Triton calls go to
     `replicas|R` (override_host on `x-gateway-destination-endpoint`, else round robin),
-    admission calls to `admission|R`.
+    admission calls to `admission|R` (as on the ingress; gateways with several admission
+    instances in their region reach them this way).
 
 Endpoint health: replica READY -> HEALTHY, DRAINING -> DRAINING, anything else -> UNHEALTHY;
 a draining region's gateways -> DRAINING (view.py).
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf.message import Message
 
 from spillgate._proto import common_pb2, registry_pb2
@@ -63,6 +66,9 @@ TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 DESTINATION_REGION_HEADER = "x-spillgate-destination-region"
 SESSION_HEADER = "x-session-id"
+# The admission instance (ip:port) that answered an Admit, in its response headers; the
+# caller sends it back on RenewTicket/Release to reach the instance holding the ticket.
+ADMISSION_HOST_HEADER = "x-spillgate-admission-host"
 # Set only by gateways on region-to-region hops: a client must not claim to be a hop (a
 # request with hops >= 1 is never overflowed) or pick its origin region.
 HOP_HEADERS = ("x-spillgate-hops", "x-spillgate-origin-region")
@@ -259,9 +265,11 @@ def _admission(
             cfg.ingress_max_requests, cfg.ingress_max_pending, cfg.ingress_max_requests, 3
         ),
     )
-    cluster.lb_policy = cluster_pb2.Cluster.RING_HASH
-    cluster.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value = (
-        cfg.hash_balance_factor
+    # Admit: ring hash on x-session-id with bounded load. RenewTicket/Release name the
+    # instance that issued the ticket (ADMISSION_HOST_HEADER, from the Admit's response
+    # headers), which bounded load alone could not promise.
+    cluster.load_balancing_policy.CopyFrom(
+        res.override_host_policy(ADMISSION_HOST_HEADER, cfg.hash_balance_factor)
     )
     cluster.outlier_detection.CopyFrom(
         res.outlier_detection(
@@ -272,6 +280,15 @@ def _admission(
         name, [res.locality_endpoints(own.id, 0, 1, own.admissions)], cfg.overprovisioning_factor
     )
     return cluster, cla
+
+
+def _admission_route(cluster: str) -> route_components_pb2.Route:
+    return res.grpc_route(
+        cluster,
+        prefix=f"/{ADMISSION_SERVICE}/",
+        hash_header=SESSION_HEADER,
+        upstream_host_header=ADMISSION_HOST_HEADER,
+    )
 
 
 def _ingress(
@@ -315,9 +332,7 @@ def _ingress(
         res.route_config(
             "ingress_grpc",
             [
-                res.grpc_route(
-                    admission.name, prefix=f"/{ADMISSION_SERVICE}/", hash_header=SESSION_HEADER
-                ),
+                _admission_route(admission.name),
                 res.grpc_route(INGRESS_GATEWAY),
             ],
             strip_headers=HOP_HEADERS,
@@ -392,9 +407,7 @@ def _mesh(
     out[CLUSTER].append(admission)
     out[ENDPOINT].append(admission_cla)
     routes.append(res.grpc_route(replicas, prefix=f"/{TRITON_SERVICE}/"))
-    routes.append(
-        res.grpc_route(admission.name, prefix=f"/{ADMISSION_SERVICE}/", hash_header=SESSION_HEADER)
-    )
+    routes.append(_admission_route(admission.name))
     out[ROUTE].append(res.route_config("mesh", routes))
     out[LISTENER].append(res.listener("mesh", node.host, node.grpc_port, "mesh"))
     return out

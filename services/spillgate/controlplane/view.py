@@ -4,13 +4,12 @@
 latest RegionSummary into a `MeshView`; the snapshot builder reads only that view, so it
 never depends on registry storage details.
 
-Instances per region: the registry knows one gateway and one admission per region today
-(`Region.gateway_endpoint`, `Region.gateway_http_endpoint`, `Region.admission_endpoint`).
-`RegionView` already holds tuples of endpoints, so more instances per region fit without
-changing the builder: only `mesh_view` has to learn where they are listed.
+Instances per region: one gateway (`Region.gateway_endpoint`, `gateway_http_endpoint`)
+and one or more admissions (`Region.admission_endpoints`, else `admission_endpoint`); the
+admission cluster ring-hashes `x-session-id` over all of them.
 
-A region is *draining* when it has replicas and every one of them is DRAINING (there is no
-region-level flag in registry.proto yet). Its gateways then reach Envoy as DRAINING, so
+A region is *draining* when the operator drained it (`Region.draining`) or when it has
+replicas and every one of them is DRAINING. Its gateways then reach Envoy as DRAINING, so
 its ingress spills to the next priority and peers stop overflowing to it.
 """
 
@@ -19,11 +18,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from spillgate._proto import common_pb2, registry_pb2
 from spillgate.registry.store import Key
+from spillgate.registry.validate import admission_endpoints
 
 ADMISSION_SERVICE = "spillgate.v1.AdmissionService"
 TRITON_SERVICE = "inference.GRPCInferenceService"
@@ -173,18 +173,21 @@ def mesh_view(
             health = _HEALTH_BY_STATE.get(r.state, Health.UNHEALTHY)
             replicas.setdefault(r.region, []).append(EndpointView(r.endpoint, health))
 
-    def endpoints(what: str, region: str, address: str, health: Health) -> tuple[EndpointView, ...]:
-        if not address:
-            return ()
-        if not is_ip_endpoint(address):
-            skipped.append(f"region {region}: {what} {address!r} is not ip:port")
-            return ()
-        return (EndpointView(address, health),)
+    def endpoints(
+        what: str, region: str, addresses: Iterable[str], health: Health
+    ) -> tuple[EndpointView, ...]:
+        out = []
+        for address in addresses:
+            if is_ip_endpoint(address):
+                out.append(EndpointView(address, health))
+            elif address:
+                skipped.append(f"region {region}: {what} {address!r} is not ip:port")
+        return tuple(out)
 
     views: dict[str, RegionView] = {}
     for region in regions:
         own = tuple(sorted(replicas.get(region.id, ())))
-        draining = bool(own) and all(r.health is Health.DRAINING for r in own)
+        draining = region.draining or (bool(own) and all(r.health is Health.DRAINING for r in own))
         gateway_health = Health.DRAINING if draining else Health.HEALTHY
         summary = summaries.get(region.id)
         headroom = 0.0
@@ -196,10 +199,12 @@ def mesh_view(
             id=region.id,
             residency_zone=region.residency_zone,
             rtt_ms=dict(sorted(region.rtt_ms.items())),
-            gateways=endpoints("gateway", region.id, region.gateway_endpoint, gateway_health),
-            admissions=endpoints("admission", region.id, region.admission_endpoint, Health.HEALTHY),
+            gateways=endpoints("gateway", region.id, [region.gateway_endpoint], gateway_health),
+            admissions=endpoints(
+                "admission", region.id, admission_endpoints(region), Health.HEALTHY
+            ),
             replicas=own,
-            gateways_http=endpoints("gateway http", region.id, http, gateway_health),
+            gateways_http=endpoints("gateway http", region.id, [http], gateway_health),
             draining=draining,
             headroom=headroom,
         )

@@ -28,12 +28,14 @@ class ReplicaStatus(enum.IntEnum):
 
 @dataclass(frozen=True)
 class RegionInfo:
-    """A region (``spillgate.v1.Region``): zone, gateway endpoint, RTT to peers in ms."""
+    """A region (``spillgate.v1.Region``): zone, gateway endpoint, RTT to peers in ms;
+    ``draining`` (the operator drained the whole region) makes it nobody's neighbour."""
 
     id: str
     residency_zone: str = ""
     gateway_endpoint: str = ""
     rtt_ms: Mapping[str, float] = field(default_factory=dict)
+    draining: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,10 @@ class FleetView:
             peers = [
                 self.regions[p]
                 for p, rtt in rtts.items()
-                if p in self.regions and p != info.id and math.isfinite(rtt)
+                if p in self.regions
+                and p != info.id
+                and math.isfinite(rtt)
+                and not self.regions[p].draining
             ]
             peers.sort(key=lambda p: (rtts[p.id], p.id))
             self._neighbours[info.id] = tuple(peers)
@@ -166,7 +171,7 @@ class FleetView:
         return sorted((m, v) for (r, m, v) in self._serving if r == region)
 
     def neighbours(self, region: str) -> tuple[RegionInfo, ...]:
-        """Peers of ``region`` with a known RTT, nearest first."""
+        """Peers of ``region`` with a known RTT that are not draining, nearest first."""
         return self._neighbours.get(region, ())
 
     def is_alias(self, name: str) -> bool:

@@ -23,6 +23,8 @@ local fleet needs::
     residency_zone = "us"
     rtt_ms = { eu = 80.5 }
     replicas = 4              # simulator replicas started in this region
+    admissions = 1            # admission instances (several need Envoy: the region's mesh
+                              # ring-hashes x-session-id onto one of them)
 
 Each replica of a region loads every version placed in that region (``[[placement]]``)
 and is registered with those versions. Endpoints and replicas are not written in the spec:
@@ -57,8 +59,14 @@ _FLEET_KEYS = {
     "tenant",
 }
 _TOP = {"fleet", "sla", "region", "model", "version", "alias", "placement"}
-_FILLED_IN = ("gateway_endpoint", "gateway_http_endpoint", "admission_endpoint")
+_FILLED_IN = (
+    "gateway_endpoint",
+    "gateway_http_endpoint",
+    "admission_endpoint",
+    "admission_endpoints",
+)
 MAX_REPLICAS_PER_REGION = 64
+MAX_ADMISSIONS_PER_REGION = 8
 
 
 class FleetSpecError(ValueError):
@@ -73,6 +81,7 @@ class RegionPlan:
     replicas: int
     versions: tuple[tuple[str, str], ...]  # (model, version) placed here: what replicas load
     triton_models: tuple[str, ...]  # their Triton model names, what the simulators load
+    admissions: int = 1  # admission instances
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,7 @@ def _parse(doc: dict[str, Any], source: str, base_dir: Path | None) -> FleetSpec
     if not regions:
         raise FleetSpecError("region: a fleet needs at least one [[region]]")
     counts: dict[str, int] = {}
+    admissions: dict[str, int] = {}
     for i, table in enumerate(regions):
         rid = _string(f"region[{i}].id", table.get("id"))
         if rid in counts:
@@ -221,6 +231,19 @@ def _parse(doc: dict[str, Any], source: str, base_dir: Path | None) -> FleetSpec
         if counts[rid] > MAX_REPLICAS_PER_REGION:
             raise FleetSpecError(
                 f"region[{i}].replicas: at most {MAX_REPLICAS_PER_REGION}, got {counts[rid]}"
+            )
+        admissions[rid] = int(
+            _number(f"region[{i}].admissions", table.pop("admissions", 1), integer=True, minimum=1)
+        )
+        if admissions[rid] > MAX_ADMISSIONS_PER_REGION:
+            raise FleetSpecError(
+                f"region[{i}].admissions: at most {MAX_ADMISSIONS_PER_REGION}, "
+                f"got {admissions[rid]}"
+            )
+        if admissions[rid] > 1 and not envoy:
+            raise FleetSpecError(
+                f"region[{i}].admissions: {admissions[rid]} instances need fleet.envoy = true "
+                "(the region's mesh Envoy ring-hashes sessions onto them)"
             )
     for i, table in enumerate(regions):
         rtt = table.get("rtt_ms", {})
@@ -281,7 +304,7 @@ def _parse(doc: dict[str, Any], source: str, base_dir: Path | None) -> FleetSpec
                 f"region {rid!r} runs {n} replica(s) but no [[placement]] puts a version there"
             )
         triton = tuple(dict.fromkeys(versions[v].triton_model_name or v[0] for v in placed[rid]))
-        plans.append(RegionPlan(rid, n, tuple(placed[rid]), triton))
+        plans.append(RegionPlan(rid, n, tuple(placed[rid]), triton, admissions[rid]))
     spec = FleetSpec(
         source,
         tuple(plans),

@@ -1,7 +1,8 @@
 """`spillgate status`: one look at a running fleet (admission summaries + replica metrics).
 
-Per region, from the admission's WatchRegion stream (its first summary): healthy replicas,
-queue depth, overflow in/out counters, headroom per model version. Per replica, from its
+Per region, from the admission's WatchRegion stream (its first summary; counters summed
+over the instances when a region runs several): healthy replicas, queue depth, overflow
+in/out and shed counters, headroom per model version. Per replica, from its
 Prometheus endpoint (admission.signals.parse_metrics, simulator mapping): running and
 waiting sequences and KV-cache use. A source that does not answer shows as `-` (never 0).
 """
@@ -67,19 +68,43 @@ def replica_load(metrics_url: str, timeout: float = TIMEOUT_S) -> ReplicaLoad | 
     )
 
 
+def merge_summaries(
+    summaries: list[common_pb2.RegionSummary | None],
+) -> common_pb2.RegionSummary | None:
+    """One region's summary from its admission instances' (None: none answered).
+
+    Each instance counts what it decided (queue, overflow, shed): those add up. Replicas
+    and headroom come from the same scrapes on every instance: the first answer's stand.
+    """
+    answered = [s for s in summaries if s is not None]
+    if not answered:
+        return None
+    merged = common_pb2.RegionSummary()
+    merged.CopyFrom(answered[0])
+    for other in answered[1:]:
+        merged.queue_depth += other.queue_depth
+        merged.overflow_in_total += other.overflow_in_total
+        merged.overflow_out_total += other.overflow_out_total
+        merged.shed_total += other.shed_total
+    return merged
+
+
 def collect(endpoints: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(region -> summary or None, replica id -> ReplicaLoad or None), fetched in parallel."""
     regions: dict[str, Any] = endpoints.get("regions", {})
-    admissions = {rid: (e.get("admission") or {}).get("grpc") for rid, e in regions.items()}
+    admissions = {
+        rid: [a["grpc"] for a in e.get("admissions") or [e.get("admission") or {}] if a.get("grpc")]
+        for rid, e in regions.items()
+    }
     replicas = {r["id"]: r["metrics"] for e in regions.values() for r in e.get("replicas", [])}
     with ThreadPoolExecutor(max_workers=8) as pool:
         summaries = {
-            rid: pool.submit(region_summary, addr) if addr else None
-            for rid, addr in admissions.items()
+            rid: [pool.submit(region_summary, addr) for addr in addrs]
+            for rid, addrs in admissions.items()
         }
         loads = {rid: pool.submit(replica_load, url) for rid, url in replicas.items()}
         return (
-            {rid: f.result() if f else None for rid, f in summaries.items()},
+            {rid: merge_summaries([f.result() for f in fs]) for rid, fs in summaries.items()},
             {rid: f.result() for rid, f in loads.items()},
         )
 

@@ -43,7 +43,7 @@ from spillgate.controlplane.envoy import Bootstrap, EnvoyError, EnvoyProcess
 from spillgate.controlplane.view import Role
 from spillgate.fleet.child import PARENT_ENV
 from spillgate.fleet.envoys import ConfigRejected, EnvoyNode, config_progress, plan_nodes
-from spillgate.fleet.spec import FleetSpec
+from spillgate.fleet.spec import FleetSpec, RegionPlan
 from spillgate.fleet.state import StateDir
 from spillgate.registry.cli import render_table
 
@@ -56,7 +56,9 @@ READY = {
     "replica": re.compile(r"spillgate replica ready grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)"),
     "admission": re.compile(r"spillgate admission ready grpc=(?P<grpc>\S+)"),
     "gateway": re.compile(r"spillgate gateway ready grpc=(?P<grpc>\S+) http=(?P<http>\S+)"),
-    "controlplane": re.compile(r"spillgate controlplane ready grpc=(?P<grpc>\S+)"),
+    "controlplane": re.compile(
+        r"spillgate controlplane ready grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)"
+    ),
 }
 
 
@@ -179,6 +181,7 @@ class Supervisor:
         self.envoy = envoy and gateways
         self.envoys: list[EnvoyNode] = []
         self.controlplane = ""
+        self.controlplane_metrics = ""
         self.cwd = cwd or Path.cwd()
         self.children: list[Child] = []
         self.phase = "starting"
@@ -252,7 +255,8 @@ class Supervisor:
                 "mesh": None,
                 # The gateway itself, for callers that bypass Envoy.
                 "gateway": None,
-                "admission": None,
+                "admission": None,  # the first instance
+                "admissions": [],  # every instance
                 "replicas": [],
             }
             for c in self.children:
@@ -262,7 +266,11 @@ class Supervisor:
                 if c.kind == "gateway":
                     entry["gateway"] = {"grpc": c.ready.get("grpc"), "http": c.ready.get("http")}
                 elif c.kind == "admission":
-                    entry["admission"] = {"grpc": c.ready.get("grpc")}
+                    if entry["admission"] is None:
+                        entry["admission"] = {"grpc": c.ready.get("grpc")}
+                    instances = entry["admissions"]
+                    assert isinstance(instances, list)
+                    instances.append({"grpc": c.ready.get("grpc")})
                 elif c.kind == "envoy" and c.ready:
                     role = "ingress" if c.ready.get("http") else "mesh"
                     entry[role] = dict(c.ready)
@@ -283,7 +291,13 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "state_dir": str(self.state.root.resolve()),
             "registry": {"grpc": self.registry},
-            "controlplane": {"grpc": self.controlplane} if self.controlplane else None,
+            "controlplane": {
+                "grpc": self.controlplane,
+                "metrics": f"http://{self.controlplane_metrics}/metrics",
+                "status": f"http://{self.controlplane_metrics}/status",
+            }
+            if self.controlplane
+            else None,
             "regions": regions,
             "model": self.spec.model,
             "budgets_ms": dict(self.spec.budgets_ms),
@@ -496,10 +510,16 @@ class Supervisor:
         self._heartbeats.start()
 
     def _start_admissions(self) -> None:
+        several = [p.id for p in self.spec.regions if p.admissions > 1]
+        if several and not self.envoy:
+            raise StartError(
+                f"region(s) {', '.join(several)} run several admission instances, which need "
+                "Envoy (the mesh ring-hashes sessions onto them): drop --no-envoy"
+            )
         children = [
             self._spawn(
                 Child(
-                    f"admission-{plan.id}",
+                    name,
                     "admission",
                     plan.id,
                     [
@@ -511,15 +531,18 @@ class Supervisor:
                         "--port",
                         "0",
                     ],
-                    self.state.log(f"admission-{plan.id}"),
+                    self.state.log(name),
                 )
             )
             for plan in self.spec.regions
+            for name in admission_names(plan)
         ]
         self._wait(
             "admissions",
             children,
-            lambda c: self.say(f"admission {c.region:<4} ready  grpc={c.ready['grpc']}"),
+            lambda c: self.say(
+                f"admission {c.name.removeprefix('admission-'):<4} ready  grpc={c.ready['grpc']}"
+            ),
         )
         self._apply_region_endpoints()
         self._wait_serving(children)
@@ -529,15 +552,23 @@ class Supervisor:
         entities = []
         for plan in self.spec.regions:
             entity = self.spec.region_entity(plan.id)
+            admissions = self._admissions(plan.id)
+            entity.region.admission_endpoint = admissions[0]
+            if len(admissions) > 1:
+                entity.region.admission_endpoints.extend(admissions)
             for c in self.children:
-                if c.region == plan.id and c.kind == "admission":
-                    entity.region.admission_endpoint = c.ready["grpc"]
                 if c.region == plan.id and c.kind == "gateway":
                     entity.region.gateway_endpoint = c.ready["grpc"]
                     if c.ready["http"] != "-":
                         entity.region.gateway_http_endpoint = c.ready["http"]
             entities.append(entity)
         self._apply(entities)
+
+    def _admissions(self, region: str) -> list[str]:
+        """The gRPC endpoints of `region`'s admission instances, first one first."""
+        return [
+            c.ready["grpc"] for c in self.children if c.kind == "admission" and c.region == region
+        ]
 
     def _create_dev_key(self) -> None:
         """A dev API key for `spillgate chat`: keys.db + dev-key (0600) in the state dir."""
@@ -553,9 +584,11 @@ class Supervisor:
     def _start_gateways(self) -> None:
         children = []
         for plan in self.spec.regions:
-            admission = next(
-                c for c in self.children if c.kind == "admission" and c.region == plan.id
+            mesh = next(
+                (n for n in self.envoys if n.region == plan.id and n.role is Role.MESH), None
             )
+            # Several admission instances: through the mesh, which hashes x-session-id.
+            admission = mesh.grpc if mesh and plan.admissions > 1 else self._admissions(plan.id)[0]
             args = [
                 "spillgate.gateway.app",
                 "--region",
@@ -563,7 +596,7 @@ class Supervisor:
                 "--registry",
                 self.registry,
                 "--admission",
-                admission.ready["grpc"],
+                admission,
                 "--port",
                 "0",
                 "--http-port",
@@ -571,9 +604,6 @@ class Supervisor:
                 "--keys",
                 str(self.state.keys_db),
             ]
-            mesh = next(
-                (n for n in self.envoys if n.region == plan.id and n.role is Role.MESH), None
-            )
             if mesh is not None:
                 # Overflow hops go through the region's mesh Envoy, which also adds the RTT.
                 args += ["--mesh", mesh.grpc]
@@ -617,14 +647,20 @@ class Supervisor:
                     "0",
                     "--mode",
                     mode,
+                    "--metrics-port",
+                    "0",
                 ],
                 self.state.log("controlplane"),
             )
         )
         self._wait("control plane", [child], lambda c: None)
         self.controlplane = child.ready["grpc"]
+        self.controlplane_metrics = child.ready["metrics"]
         delay = " (inter-region routes delayed by the RTT)" if mode == "local" else ""
-        self.say(f"controlplane  ready  grpc={self.controlplane} mode={mode}{delay}")
+        self.say(
+            f"controlplane  ready  grpc={self.controlplane} "
+            f"metrics={self.controlplane_metrics} mode={mode}{delay}"
+        )
 
     def _start_envoys(self) -> None:
         """Start every planned Envoy; wait until each has ACKed its config and every ingress
@@ -812,7 +848,15 @@ def endpoints_table(body: dict[str, object]) -> str:
         rows.append(["-", "registry", str(registry.get("grpc") or "-"), "-", "-"])
     controlplane = body.get("controlplane")
     if isinstance(controlplane, dict):
-        rows.append(["-", "controlplane", str(controlplane.get("grpc") or "-"), "-", "-"])
+        rows.append(
+            [
+                "-",
+                "controlplane",
+                str(controlplane.get("grpc") or "-"),
+                "-",
+                str(controlplane.get("metrics") or "-"),
+            ]
+        )
     regions = body.get("regions")
     if isinstance(regions, dict):
         for rid, entry in regions.items():
@@ -833,8 +877,16 @@ def endpoints_table(body: dict[str, object]) -> str:
                     "-",
                 ]
             )
-            rows.append([rid, "admission", admission.get("grpc") or "-", "-", "-"])
+            instances = entry.get("admissions") or [admission]
+            for i, instance in enumerate(instances):
+                name = "admission" if len(instances) == 1 else f"admission {i}"
+                rows.append([rid, name, instance.get("grpc") or "-", "-", "-"])
             for r in entry.get("replicas", []):
                 name = f"replica {r['id']}" + ("" if r.get("alive", True) else " (exited)")
                 rows.append([rid, name, r["grpc"] or "-", "-", r["metrics"] or "-"])
     return render_table(("REGION", "COMPONENT", "GRPC", "HTTP", "METRICS"), rows)
+
+
+def admission_names(plan: RegionPlan) -> list[str]:
+    """Child names of a region's admission instances: admission-us, admission-us-1, ..."""
+    return [f"admission-{plan.id}" + (f"-{i}" if i else "") for i in range(plan.admissions)]

@@ -51,6 +51,14 @@ ORIGIN_KEY = "x-spillgate-origin-region"
 # What the mesh Envoy routes overflow hops on (controlplane/snapshot.py
 # DESTINATION_REGION_HEADER; a test keeps the two equal).
 DESTINATION_REGION_KEY = "x-spillgate-destination-region"
+# Several admission instances per region sit behind the region's mesh Envoy: it ring-hashes
+# an Admit on ADMISSION_HASH_KEY (controlplane/snapshot.py SESSION_HEADER; the session id,
+# else the request id) and names the instance that answered in ADMISSION_HOST_KEY, which
+# the ticket's RenewTicket/Release send back so they reach the instance holding the ticket.
+# Talking to one admission directly, the headers are simply unused.
+ADMISSION_HASH_KEY = "x-session-id"
+ADMISSION_HOST_KEY = "x-spillgate-admission-host"
+MAX_TICKET_ROUTES = 100_000  # bound on tickets in flight remembered (never reached in use)
 _FINISH = {"stop": gateway_pb2.FINISH_REASON_STOP, "length": gateway_pb2.FINISH_REASON_LENGTH}
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -156,6 +164,8 @@ class Gateway:
         self.admission_ok: bool | None = None  # last Admit reached admission (None: not yet)
         self.charge_tokens: ChargeTokens = no_token_limit  # set when keys carry token limits
         self._background: set[asyncio.Future[Any]] = set()  # releases outliving their caller
+        # Ticket id -> metadata that routes its RenewTicket/Release to the issuing instance.
+        self._ticket_routes: dict[str, tuple[tuple[str, str], ...]] = {}
 
     async def close(self) -> None:
         await self.replicas.close()
@@ -268,16 +278,31 @@ class Gateway:
             context.deadline.FromNanoseconds(time.time_ns() + int(remaining * 1e9))
         # Without a deadline, never wait on admission forever (queueing included).
         timeout = remaining if remaining is not None else ADMIT_TIMEOUT_S
+        if not context.request_id:
+            context.request_id = uuid.uuid4().hex
+        key = ((ADMISSION_HASH_KEY, context.session_id or context.request_id),)
         try:
-            response = await self._admission.Admit(
-                admission_pb2.AdmitRequest(context=context), timeout=timeout
+            call = self._admission.Admit(
+                admission_pb2.AdmitRequest(context=context), timeout=timeout, metadata=key
             )
+            response = await call
+            headers = await call.initial_metadata()
         except grpc.aio.AioRpcError as exc:
             self.admission_ok = exc.code() != grpc.StatusCode.UNAVAILABLE
             raise as_gateway_error(exc) from None
         self.admission_ok = True
         decision: common_pb2.Decision = response.decision
+        if decision.ticket.id:
+            host = next((str(v) for k, v in headers or () if k == ADMISSION_HOST_KEY), "")
+            self._remember_route(
+                decision.ticket.id, (*key, (ADMISSION_HOST_KEY, host)) if host else key
+            )
         return decision
+
+    def _remember_route(self, ticket: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        if len(self._ticket_routes) >= MAX_TICKET_ROUTES:  # forget the oldest; never grow
+            del self._ticket_routes[next(iter(self._ticket_routes))]
+        self._ticket_routes[ticket] = metadata
 
     async def release(
         self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
@@ -292,7 +317,8 @@ class Gateway:
         request = admission_pb2.ReleaseRequest(
             ticket_id=ticket, outcome=outcome, usage=usage, ttft_ms=ttft_ms, total_ms=total_ms
         )
-        task = asyncio.ensure_future(self._admission.Release(request, timeout=5))
+        route = self._ticket_routes.pop(ticket, ())
+        task = asyncio.ensure_future(self._admission.Release(request, timeout=5, metadata=route))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -399,7 +425,8 @@ class Gateway:
             while True:
                 await asyncio.sleep(period)
                 try:
-                    await self._admission.RenewTicket(request, timeout=5)
+                    route = self._ticket_routes.get(ticket.id, ())
+                    await self._admission.RenewTicket(request, timeout=5, metadata=route)
                 except grpc.aio.AioRpcError as exc:
                     log.warning("renewing ticket %s failed: %s", ticket.id, exc.code().name)
                     if exc.code() == grpc.StatusCode.NOT_FOUND:

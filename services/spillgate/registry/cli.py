@@ -32,6 +32,7 @@ from spillgate.registry.store import (
     entity_key,
     kind_name,
 )
+from spillgate.registry.validate import admission_endpoints
 
 DEFAULT_REGISTRY = "127.0.0.1:7070"
 TIMEOUT_S = 10.0
@@ -83,14 +84,15 @@ def _timestamp(ts: Any) -> str:
 # kind -> (column headers, row function)
 _COLUMNS: dict[EntityKind, tuple[tuple[str, ...], Callable[[registry_pb2.Entity], list[str]]]] = {
     REGION: (
-        ("ID", "ZONE", "NAME", "RTT_MS", "GATEWAY", "ADMISSION"),
+        ("ID", "ZONE", "NAME", "RTT_MS", "GATEWAY", "ADMISSION", "STATE"),
         lambda e: [
             e.region.id,
             _short(e.region.residency_zone),
             _short(e.region.display_name),
             " ".join(f"{p}={ms:g}" for p, ms in sorted(e.region.rtt_ms.items())) or "-",
             _short(e.region.gateway_endpoint),
-            _short(e.region.admission_endpoint),
+            ",".join(admission_endpoints(e.region)) or "-",
+            "draining" if e.region.draining else "serving",
         ],
     ),
     MODEL: (

@@ -71,6 +71,19 @@ def validate_entity(entity: registry_pb2.Entity) -> None:
         _check_id("region.residency_zone", r.residency_zone)
         for peer in r.rtt_ms:
             _check_id("region.rtt_ms", peer)
+        if len(set(r.admission_endpoints)) != len(r.admission_endpoints):
+            raise ValidationError("region.admission_endpoints", "lists an endpoint twice")
+        if any(not e for e in r.admission_endpoints):
+            raise ValidationError("region.admission_endpoints", "must not hold an empty endpoint")
+        if (
+            r.admission_endpoint
+            and r.admission_endpoints
+            and r.admission_endpoint not in r.admission_endpoints
+        ):
+            raise ValidationError(
+                "region.admission_endpoint",
+                f"{r.admission_endpoint!r} is not one of admission_endpoints",
+            )
     elif which == "model":
         m = entity.model
         _check_id("model.id", m.id)
@@ -338,3 +351,11 @@ def plan_apply(
     result = dict(state)
     apply_delta(result, delta)
     return result, changes
+
+
+def admission_endpoints(region: registry_pb2.Region) -> tuple[str, ...]:
+    """Every admission instance of `region` (`admission_endpoints`, else the one
+    `admission_endpoint`, else none), in registry order."""
+    if region.admission_endpoints:
+        return tuple(region.admission_endpoints)
+    return (region.admission_endpoint,) if region.admission_endpoint else ()
