@@ -11,6 +11,9 @@ max_tokens, so the replica does the same work for each:
   grpc     GatewayService.Chat on the gateway (model alias `chat`)
   http     POST /v1/chat/completions stream=true (SSE) over a keep-alive httpx.AsyncClient
   triton   tritonclient.grpc.aio ModelStreamInfer to the gateway's passthrough, model `chat`
+  zero-proxy  the same Chat through spillgate.zeroproxy.ZeroProxyClient: what a mesh-aware
+           caller embeds instead of calling a gateway (the gateway's code in the caller's
+           process: Admit, stream from the replica admission picked, Release)
 
 Every arm measures time to first token (first non-empty text) and to the last token (the
 final response), runs at each --concurrency, and the arms alternate in --rounds rounds (the
@@ -60,13 +63,14 @@ from spillgate._proto import (
 )
 from spillgate.gateway.chat import render_prompt
 from spillgate.gateway.forward import vllm_inputs
+from spillgate.zeroproxy import ZeroProxyClient
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "llm-bench"
 ALIAS = "chat"
 PROMPT = "Where should this request run, given the budget and the queues of every region?"
 DIGEST = "sha256:" + "ab" * 32
-ARMS = ("direct", "grpc", "http", "triton")
+ARMS = ("direct", "grpc", "http", "triton", "zero-proxy")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 # As bench/replica_capacity.py: at --speed 1000 a 16-token stream is ~0.02 ms of model time.
@@ -212,9 +216,13 @@ class Sample:
 class Arms:
     """Open clients for every arm; `one(arm)` sends one request and times it."""
 
-    def __init__(self, replica: str, gateway: str, http: str, max_tokens: int, timeout: float):
+    def __init__(
+        self, replica: str, gateway: str, http: str, registry: str, admission: str,
+        max_tokens: int, timeout: float,
+    ) -> None:  # fmt: skip
         self.timeout = timeout
         self.direct = triton.InferenceServerClient(replica)
+        self.zero = ZeroProxyClient("us", registry=registry, admission=admission)
         self.passthrough = triton.InferenceServerClient(gateway)
         self.channel = grpc.aio.insecure_channel(gateway)
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
@@ -228,6 +236,7 @@ class Arms:
         # parameters: the direct and passthrough arms send what the gateway would.
         self.inputs = vllm_inputs(render_prompt(messages), {"max_tokens": max_tokens})
         self.chat = gateway_pb2.ChatRequest(model=ALIAS, messages=messages, max_tokens=max_tokens)
+
         self.body = {
             "model": ALIAS,
             "messages": [{"role": "user", "content": PROMPT}],
@@ -236,6 +245,7 @@ class Arms:
         }
 
     async def close(self) -> None:
+        await self.zero.close()
         await self.http.aclose()
         await self.channel.close()
         await self.direct.close()
@@ -247,7 +257,9 @@ class Arms:
         if arm == "triton":
             return self._triton(self.passthrough, ALIAS)
         if arm == "grpc":
-            return self._grpc()
+            return self._grpc(self.stub.Chat(self.chat, timeout=self.timeout))
+        if arm == "zero-proxy":
+            return self._grpc(self.zero.chat(self.chat, timeout=self.timeout))
         return self._http()
 
     async def _triton(self, client: triton.InferenceServerClient, model: str) -> Sample:
@@ -276,11 +288,11 @@ class Arms:
             it.cancel()
         raise RuntimeError("stream ended before the final response")
 
-    async def _grpc(self) -> Sample:
+    async def _grpc(self, responses: AsyncIterator[gateway_pb2.ChatResponse]) -> Sample:
         t0 = time.perf_counter()
         ttft = total = 0.0
         pieces = 0
-        async for response in self.stub.Chat(self.chat, timeout=self.timeout):
+        async for response in responses:
             now = time.perf_counter()
             if response.delta:
                 pieces += 1
@@ -442,8 +454,12 @@ async def wait_chat(arms: Arms, timeout: float) -> None:
 
 
 async def run(args: argparse.Namespace, addr: dict[str, str], pids: dict[str, int]) -> Any:
-    arms = Arms(addr["replica"], addr["gateway"], addr["http"], args.max_tokens, args.timeout)
+    arms = Arms(
+        addr["replica"], addr["gateway"], addr["http"], addr["registry"], addr["admission"],
+        args.max_tokens, args.timeout,
+    )  # fmt: skip
     try:
+        await arms.zero.start()
         await wait_chat(arms, 30)
         out = {}
         for c in args.concurrency:
@@ -532,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                 "replica": replicas[0].ready[0],
                 "gateway": gateway.ready[0],
                 "http": gateway.ready[1],
+                "admission": admission.ready[0],
+                "registry": reg,
             }
             pids = {
                 "gateway": gateway.proc.pid,

@@ -373,7 +373,7 @@ async def test_non_llm_model_is_admitted_by_size_and_released(
     (ctx,) = scripted.admission.admitted
     assert ctx.model == "simple" and ctx.prompt_tokens == 32 and ctx.max_tokens == 1
     assert ctx.priority == common_pb2.PRIORITY_LOW and ctx.tenant == "t"
-    (release,) = scripted.admission.released
+    (release,) = await until(lambda: scripted.admission.released)  # sent after the answer
     assert release.ticket_id == "t-1" and release.outcome == admission_pb2.OUTCOME_OK
 
 

@@ -163,11 +163,13 @@ class Gateway:
         ] = {}
         self.admission_ok: bool | None = None  # last Admit reached admission (None: not yet)
         self.charge_tokens: ChargeTokens = no_token_limit  # set when keys carry token limits
-        self._background: set[asyncio.Future[Any]] = set()  # releases outliving their caller
+        self._background: set[asyncio.Future[Any]] = set()  # Releases in flight
         # Ticket id -> metadata that routes its RenewTicket/Release to the issuing instance.
         self._ticket_routes: dict[str, tuple[tuple[str, str], ...]] = {}
 
     async def close(self) -> None:
+        """Wait for pending Releases, then close every connection."""
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.replicas.close()
         for channel, _ in self._peers.values():
             await channel.close()
@@ -307,27 +309,29 @@ class Gateway:
     async def release(
         self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
     ) -> None:
-        """Give an admitted slot back (shielded from cancellation; never raises)."""
-        await self._release(ticket, outcome, ttft_ms, total_ms, usage)
+        """Give an admitted slot back. The Release RPC runs in the background, off the
+        response path, and outlives a cancelled caller; `close()` waits for pending ones.
+        Never raises (a lost Release heals when the ticket's lease expires)."""
+        self._release(ticket, outcome, ttft_ms, total_ms, usage)
 
-    async def _release(
+    def _release(
         self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
     ) -> None:
-        # Shielded: a cancelled caller must still give its slot back.
         request = admission_pb2.ReleaseRequest(
             ticket_id=ticket, outcome=outcome, usage=usage, ttft_ms=ttft_ms, total_ms=total_ms
         )
         route = self._ticket_routes.pop(ticket, ())
-        task = asyncio.ensure_future(self._admission.Release(request, timeout=5, metadata=route))
+        task = asyncio.ensure_future(self._send_release(request, route))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_release(
+        self, request: admission_pb2.ReleaseRequest, route: tuple[tuple[str, str], ...]
+    ) -> None:
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The release goes on in the background; the caller's cancellation does not.
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            raise
+            await self._admission.Release(request, timeout=5, metadata=route)
         except Exception as exc:
-            log.warning("release of %s failed (%s); its lease will expire", ticket, exc)
+            log.warning("release of %s failed (%s); its lease will expire", request.ticket_id, exc)
 
     async def _serve(
         self,
@@ -413,7 +417,7 @@ class Gateway:
                 renewing.cancel()
             total_ms = (self._clock() - start) * 1000
             if decision.ticket.id:
-                await self._release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
+                self._release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
 
     def _keep_renewed(self, ticket: common_pb2.Ticket) -> asyncio.Task[None]:
         """Renew the ticket's lease every third of it while the stream runs, so a long
