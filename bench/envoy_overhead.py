@@ -36,23 +36,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from _arms import Sample, measure
 from _common import command_line, log, machine, stop_on_sigterm
-from gateway_overhead import (
-    ALIAS,
-    CONFIG_TOML,
-    LLM,
-    PROMPT,
-    cpu_seconds,
-    entities,
-    machine_busy_seconds,
-    pct,
-    service,
-)
+from gateway_overhead import ALIAS, CONFIG_TOML, LLM, PROMPT, entities, service
 
 from spillgate._proto import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 from spillgate.controlplane.ads import start_server
@@ -77,12 +67,6 @@ def child_pid(name: str) -> int:
             if comm == name and ppid == os.getpid():
                 return int(entry.name)
     return 0
-
-
-@dataclass
-class Sample:
-    total_s: float
-    ttft_s: float = 0.0
 
 
 class Arms:
@@ -128,76 +112,8 @@ class Arms:
         return Sample(total, ttft)
 
 
-@dataclass
-class ArmResult:
-    samples: list[Sample] = field(default_factory=list)
-    wall_s: float = 0.0
-    envoy_cpu_s: float = 0.0
-    gateway_cpu_s: float = 0.0
-    other_cpu_s: float = 0.0  # processes outside this benchmark: the machine was not quiet
-    errors: int = 0
-    first_error: str = ""
-
-    def summary(self) -> dict[str, Any]:
-        total = [s.total_s * 1000 for s in self.samples]
-        ttft = [s.ttft_s * 1000 for s in self.samples]
-        n = len(self.samples)
-        return {
-            "requests": n,
-            "errors": self.errors,
-            "first_error": self.first_error,
-            "p50_ms": pct(total, 50),
-            "p99_ms": pct(total, 99),
-            "ttft_p50_ms": pct(ttft, 50),
-            "ttft_p99_ms": pct(ttft, 99),
-            "per_s": n / self.wall_s if self.wall_s else 0.0,
-            "envoy_cpu_us_per_req": 1e6 * self.envoy_cpu_s / n if n else float("nan"),
-            "gateway_cpu_us_per_req": 1e6 * self.gateway_cpu_s / n if n else float("nan"),
-            "other_processes_cores": self.other_cpu_s / self.wall_s if self.wall_s else 0.0,
-        }
-
-
-async def batch(arms: Arms, arm: str, n: int, concurrency: int, out: ArmResult) -> None:
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            try:
-                out.samples.append(await arms.one(arm))
-            except Exception as exc:  # count it, keep going; a dead fleet shows as errors
-                out.errors += 1
-                out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"[:200]
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-async def measure(
-    arms: Arms, args: argparse.Namespace, concurrency: int, pids: dict[str, int]
-) -> dict[str, ArmResult]:
-    results = {arm: ArmResult() for arm in ARMS}
-    warm = ArmResult()
-    for arm in ARMS:  # warm channels, Envoy's upstream connections, caches: untimed
-        await batch(arms, arm, max(50, 4 * concurrency), concurrency, warm)
-    if warm.errors:
-        raise RuntimeError(f"warmup failed ({warm.errors} errors): {warm.first_error}")
-    for r in range(args.rounds):
-        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
-        for arm in order:
-            n = args.requests if arm.startswith("health") else args.chat_requests
-            res = results[arm]
-            c0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-            m0, t0 = machine_busy_seconds(), time.perf_counter()
-            await batch(arms, arm, max(1, n // args.rounds), concurrency, res)
-            res.wall_s += time.perf_counter() - t0
-            c1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-            res.envoy_cpu_s += c1["envoy"] - c0["envoy"]
-            res.gateway_cpu_s += c1["gateway"] - c0["gateway"]
-            ours = sum(c1.values()) - sum(c0.values())
-            res.other_cpu_s += max(0.0, machine_busy_seconds() - m0 - ours)
-        log(f"  c={concurrency} round {r + 1}/{args.rounds} done")
-    return results
+def requests_per_arm(args: argparse.Namespace, arm: str) -> int:
+    return int(args.requests if arm.startswith("health") else args.chat_requests)
 
 
 def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
@@ -214,12 +130,16 @@ def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
         d = s[f"{kind}-direct"]
         added = "-"
         if via == "envoy":
-            added = f"{a['p50_ms'] - d['p50_ms']:+.3f} / {a['p99_ms'] - d['p99_ms']:+.3f}"
+            added = (
+                f"{a['total_p50_ms'] - d['total_p50_ms']:+.3f} / "
+                f"{a['total_p99_ms'] - d['total_p99_ms']:+.3f}"
+            )
         ttft = "-" if kind == "health" else f"{a['ttft_p50_ms']:.2f} / {a['ttft_p99_ms']:.2f}"
-        envoy_cpu = "-" if via == "direct" else f"{a['envoy_cpu_us_per_req']:,.0f} µs"
+        cpu = a["cpu_us_per_req"]
+        envoy_cpu = "-" if via == "direct" else f"{cpu['envoy']:,.0f} µs"
         out.append(
-            f"| {arm} | {a['p50_ms']:.3f} / {a['p99_ms']:.3f} | {added} | {ttft} "
-            f"| {a['per_s']:,.0f} | {envoy_cpu} | {a['gateway_cpu_us_per_req']:,.0f} µs "
+            f"| {arm} | {a['total_p50_ms']:.3f} / {a['total_p99_ms']:.3f} | {added} | {ttft} "
+            f"| {a['per_s']:,.0f} | {envoy_cpu} | {cpu['gateway']:,.0f} µs "
             f"| {a['errors']} |"
         )
     other = max(a["other_processes_cores"] for a in s.values())
@@ -265,7 +185,10 @@ async def run(
         out = {}
         for c in args.concurrency:
             log(f"measuring at concurrency {c}")
-            results = await measure(arms, args, c, pids)
+            results = await measure(
+                arms.one, ARMS, c, lambda a: requests_per_arm(args, a), args.rounds, pids,
+                max(50, 4 * c),
+            )  # fmt: skip
             out[c] = {arm: r.summary() for arm, r in results.items()}
         if cache.status(info.id).nacks:
             raise RuntimeError("Envoy rejected the ingress snapshot")

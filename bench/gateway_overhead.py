@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
 import grpc
 import httpx
 import tritonclient.grpc.aio as triton
+from _arms import Sample, measure
 from _common import command_line, log, machine, stop_on_sigterm
 
 from spillgate._proto import (
@@ -71,7 +71,6 @@ ALIAS = "chat"
 PROMPT = "Where should this request run, given the budget and the queues of every region?"
 DIGEST = "sha256:" + "ab" * 32
 ARMS = ("direct", "grpc", "http", "triton", "zero-proxy")
-_TICK = os.sysconf("SC_CLK_TCK")
 
 # As bench/replica_capacity.py: at --speed 1000 a 16-token stream is ~0.02 ms of model time.
 CONFIG_TOML = """\
@@ -149,17 +148,6 @@ def service(
         thread.join(timeout=5)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes on the machine have used (busy = not idle, not iowait)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / _TICK
-
-
 def entities(admission: str, gateway: str, replicas: list[Service]) -> list[registry_pb2.Entity]:
     loaded = [common_pb2.VersionRef(model=LLM, version="v1")]
     out = [
@@ -204,13 +192,6 @@ def entities(admission: str, gateway: str, replicas: list[Service]) -> list[regi
 
 
 # -- the arms: one request each, (ttft_s, total_s, text pieces) ------------------------------
-
-
-@dataclass
-class Sample:
-    ttft_s: float
-    total_s: float
-    pieces: int
 
 
 class Arms:
@@ -283,7 +264,7 @@ class Arms:
                     ttft = ttft or now - t0
                 params = result.get_response().parameters
                 if params["triton_final_response"].bool_param:
-                    return Sample(ttft, now - t0, pieces)
+                    return Sample(now - t0, ttft, pieces)
         finally:
             it.cancel()
         raise RuntimeError("stream ended before the final response")
@@ -301,7 +282,7 @@ class Arms:
                 total = now - t0
         if not total:
             raise RuntimeError("Chat ended without a finish reason")
-        return Sample(ttft, total, pieces)
+        return Sample(total, ttft, pieces)
 
     async def _http(self) -> Sample:
         t0 = time.perf_counter()
@@ -324,91 +305,10 @@ class Arms:
                     total = now - t0
         if not total:
             raise RuntimeError("SSE ended without a finish reason")
-        return Sample(ttft, total, pieces)
+        return Sample(total, ttft, pieces)
 
 
 # -- measurement ------------------------------------------------------------------------------
-
-
-@dataclass
-class ArmResult:
-    samples: list[Sample] = field(default_factory=list)
-    wall_s: float = 0.0
-    gateway_cpu_s: float = 0.0
-    admission_cpu_s: float = 0.0
-    other_cpu_s: float = 0.0  # processes outside this benchmark: the machine was not quiet
-    errors: int = 0
-    first_error: str = ""
-
-
-async def batch(arms: Arms, arm: str, n: int, concurrency: int, out: ArmResult) -> None:
-    """`n` requests on `arm` with `concurrency` workers; appends to `out`."""
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            try:
-                out.samples.append(await arms.one(arm))
-            except Exception as exc:  # count it, keep going; a dead fleet shows as errors
-                out.errors += 1
-                out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"[:200]
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-async def measure(
-    arms: Arms, concurrency: int, requests: int, rounds: int, pids: dict[str, int]
-) -> dict[str, ArmResult]:
-    results = {arm: ArmResult() for arm in ARMS}
-    warm = ArmResult()
-    for arm in ARMS:  # warm every path (channels, connections, caches): untimed
-        await batch(arms, arm, max(20, 2 * concurrency), concurrency, warm)
-    if warm.errors:
-        raise RuntimeError(f"warmup failed ({warm.errors} errors): {warm.first_error}")
-    per_round = max(1, requests // rounds)
-    for r in range(rounds):
-        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
-        for arm in order:
-            res = results[arm]
-            c0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-            m0, t0 = machine_busy_seconds(), time.perf_counter()
-            await batch(arms, arm, per_round, concurrency, res)
-            res.wall_s += time.perf_counter() - t0
-            c1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-            res.gateway_cpu_s += c1["gateway"] - c0["gateway"]
-            res.admission_cpu_s += c1["admission"] - c0["admission"]
-            ours = sum(c1.values()) - sum(c0.values())
-            res.other_cpu_s += max(0.0, machine_busy_seconds() - m0 - ours)
-        log(f"  c={concurrency} round {r + 1}/{rounds} done")
-    return results
-
-
-def pct(values: list[float], p: float) -> float:
-    xs = sorted(values)
-    return xs[min(len(xs) - 1, int(p / 100.0 * len(xs)))] if xs else float("nan")
-
-
-def summarize(res: ArmResult) -> dict[str, Any]:
-    ttft = [s.ttft_s * 1000 for s in res.samples]
-    total = [s.total_s * 1000 for s in res.samples]
-    n = len(res.samples)
-    return {
-        "requests": n,
-        "errors": res.errors,
-        "first_error": res.first_error,
-        "ttft_p50_ms": pct(ttft, 50),
-        "ttft_p99_ms": pct(ttft, 99),
-        "total_p50_ms": pct(total, 50),
-        "total_p99_ms": pct(total, 99),
-        "total_mean_ms": statistics.fmean(total) if total else float("nan"),
-        "per_s": n / res.wall_s if res.wall_s else 0.0,
-        "pieces": sorted({s.pieces for s in res.samples}),
-        "gateway_cpu_us_per_req": 1e6 * res.gateway_cpu_s / n if n else float("nan"),
-        "admission_cpu_us_per_req": 1e6 * res.admission_cpu_s / n if n else float("nan"),
-        "other_processes_cores": res.other_cpu_s / res.wall_s if res.wall_s else 0.0,
-    }
 
 
 def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
@@ -428,8 +328,8 @@ def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
             else f"{a['total_p50_ms'] - d['total_p50_ms']:+.2f} / "
             f"{a['total_p99_ms'] - d['total_p99_ms']:+.2f}"
         )
-        cpu = "-" if arm == "direct" else f"{a['gateway_cpu_us_per_req']:,.0f} µs"
-        adm = "-" if arm == "direct" else f"{a['admission_cpu_us_per_req']:,.0f} µs"
+        cpu = "-" if arm == "direct" else f"{a['cpu_us_per_req']['gateway']:,.0f} µs"
+        adm = "-" if arm == "direct" else f"{a['cpu_us_per_req']['admission']:,.0f} µs"
         out.append(
             f"| {arm} | {a['ttft_p50_ms']:.2f} / {a['ttft_p99_ms']:.2f} "
             f"| {a['total_p50_ms']:.2f} / {a['total_p99_ms']:.2f} | {added} "
@@ -464,8 +364,10 @@ async def run(args: argparse.Namespace, addr: dict[str, str], pids: dict[str, in
         out = {}
         for c in args.concurrency:
             log(f"measuring {args.requests} requests per arm at concurrency {c}")
-            results = await measure(arms, c, args.requests, args.rounds, pids)
-            out[c] = {arm: summarize(r) for arm, r in results.items()}
+            results = await measure(
+                arms.one, ARMS, c, lambda _: args.requests, args.rounds, pids, max(20, 2 * c)
+            )
+            out[c] = {arm: r.summary() for arm, r in results.items()}
         return out
     finally:
         await arms.close()
