@@ -128,3 +128,23 @@ async def measure(
             res.other_cpu_s += max(0.0, machine_busy_seconds() - m0 - ours)
         log(f"  c={concurrency} round {r + 1}/{rounds} done")
     return results
+
+
+async def wait_served(one: One, arm: str, timeout: float, what: str) -> None:
+    """Poll `arm` until one request succeeds (registry applied, signals scraped, health
+    checks passed); RuntimeError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await one(arm)
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: {exc}") from None
+        await asyncio.sleep(0.1)
+
+
+def other_load_line(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """The line under a table that says how busy the rest of the machine was."""
+    other = max(a["other_processes_cores"] for a in summaries.values())
+    return f"CPU cores used by processes outside the benchmark (max over arms): {other:.2f}"

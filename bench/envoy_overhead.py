@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _arms import Sample, measure
+from _arms import Sample, measure, other_load_line, wait_served
 from _common import command_line, log, machine, stop_on_sigterm
 from gateway_overhead import ALIAS, CONFIG_TOML, LLM, PROMPT, entities, service
 
@@ -142,22 +142,8 @@ def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
             f"| {a['per_s']:,.0f} | {envoy_cpu} | {cpu['gateway']:,.0f} µs "
             f"| {a['errors']} |"
         )
-    other = max(a["other_processes_cores"] for a in s.values())
-    out += ["", f"CPU cores used by processes outside the benchmark (max over arms): {other:.2f}"]
+    out += ["", other_load_line(s)]
     return "\n".join(out)
-
-
-async def wait_chat(arms: Arms, timeout: float) -> None:
-    """Poll until a Chat through Envoy succeeds (registry applied, health check passed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await arms.one("chat-envoy")
-            return
-        except (grpc.aio.AioRpcError, RuntimeError) as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no chat through Envoy: {exc}") from None
-        await asyncio.sleep(0.1)
 
 
 async def run(
@@ -181,7 +167,7 @@ async def run(
         pids["envoy"] = child_pid("envoy")
         if not pids["envoy"]:
             raise RuntimeError("cannot find the Envoy process")
-        await wait_chat(arms, 30)
+        await wait_served(arms.one, "chat-envoy", 30, "no chat through Envoy")
         out = {}
         for c in args.concurrency:
             log(f"measuring at concurrency {c}")

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
 import grpc
 import httpx
 import tritonclient.grpc.aio as triton
-from _arms import Sample, measure
+from _arms import Sample, measure, other_load_line, wait_served
 from _common import command_line, log, machine, stop_on_sigterm
 
 from spillgate._proto import (
@@ -335,22 +335,8 @@ def table(concurrency: int, s: dict[str, dict[str, Any]]) -> str:
             f"| {a['total_p50_ms']:.2f} / {a['total_p99_ms']:.2f} | {added} "
             f"| {a['per_s']:,.0f} | {cpu} | {adm} | {a['errors']} |"
         )
-    other = max(a["other_processes_cores"] for a in s.values())
-    out += ["", f"CPU cores used by processes outside the benchmark (max over arms): {other:.2f}"]
+    out += ["", other_load_line(s)]
     return "\n".join(out)
-
-
-async def wait_chat(arms: Arms, timeout: float) -> None:
-    """Poll until a Chat through the gateway succeeds (registry applied, admission scraped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await arms.one("grpc")
-            return
-        except (grpc.aio.AioRpcError, RuntimeError) as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway never served a chat: {exc}") from None
-        await asyncio.sleep(0.1)
 
 
 async def run(args: argparse.Namespace, addr: dict[str, str], pids: dict[str, int]) -> Any:
@@ -360,7 +346,7 @@ async def run(args: argparse.Namespace, addr: dict[str, str], pids: dict[str, in
     )  # fmt: skip
     try:
         await arms.zero.start()
-        await wait_chat(arms, 30)
+        await wait_served(arms.one, "grpc", 30, "the gateway never served a chat")
         out = {}
         for c in args.concurrency:
             log(f"measuring {args.requests} requests per arm at concurrency {c}")
