@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from spillgate._proto import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2
+from spillgate.fleet.status import region_summary
 from tests import fleet_helpers as fh
 from tests.conftest import ReplicaProcess, ServiceProcess, eventually, set_faults, start_replica
 from tests.fleet_helpers import start_admission, start_fleet, start_gateway
@@ -331,7 +332,9 @@ async def test_a_stream_longer_than_its_ticket_lease_keeps_the_ticket_renewed(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Lease 0.6 s, a ~2 s generation: the gateway renews, so admission never expires it
-    (its log would say "expired N unreleased tickets") and the final Release finds it."""
+    (its log would say "expired N unreleased tickets") and the final Release finds it (the
+    gateway would log "release of ..."). Both are checked once the region is idle again,
+    which takes either the Release or, had it been lost, the lease's expiry."""
     f = start_fleet(
         tmp_path_factory.mktemp("lease") / "registry.db",
         replicas=1,
@@ -339,11 +342,17 @@ async def test_a_stream_longer_than_its_ticket_lease_keeps_the_ticket_renewed(
         admission_args=("--ticket-lease-s", "0.6"),
     )
     try:
+
+        def free_slots() -> list[int]:
+            summary = region_summary(f.admission.ready[0])
+            return [m.free_slots for m in summary.models] if summary is not None else []
+
+        idle = await asyncio.to_thread(eventually, lambda: all(free_slots()) and free_slots())
         answer = await chat_until_served(
             f.gateway_address, chat_request(max_tokens=250, budget_ms=20_000)
         )
         assert answer.responses[-1].usage.completion_tokens > 100
-        await asyncio.sleep(0.6)  # one more sweep: an expiry would be logged by now
+        await asyncio.to_thread(eventually, lambda: free_slots() == idle)
         assert not any("unreleased tickets" in line for line in f.admission.output)
         assert not any("release of" in line for line in f.gateway.output)
     finally:

@@ -329,9 +329,12 @@ class Gateway:
         self, request: admission_pb2.ReleaseRequest, route: tuple[tuple[str, str], ...]
     ) -> None:
         try:
-            await self._admission.Release(request, timeout=5, metadata=route)
+            response = await self._admission.Release(request, timeout=5, metadata=route)
         except Exception as exc:
             log.warning("release of %s failed (%s); its lease will expire", request.ticket_id, exc)
+            return
+        if not response.found:  # it expired first: admission's accounting already healed
+            log.warning("release of %s: admission no longer knew the ticket", request.ticket_id)
 
     async def _serve(
         self,
