@@ -38,7 +38,7 @@ from spillgate.core.decision import Priority
 from spillgate.core.prefix import block_hashes, tokenize
 from spillgate.core.retry_budget import RetryBudget
 from spillgate.gateway.auth import Caller
-from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid
+from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid, shed
 from spillgate.gateway.forward import ReplicaError, Replicas, coalesce
 from spillgate.gateway.models import ModelCatalog
 
@@ -196,12 +196,7 @@ class Gateway:
         for attempt in range(1, self._max_attempts + 1):
             decision = await self._admit(context, call)
             if decision.action == common_pb2.ACTION_SHED:
-                raise GatewayError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"no capacity for {request.model} within the budget ({decision.reason}); "
-                    f"retry after {decision.retry_after_ms} ms",
-                    retry_after_ms=decision.retry_after_ms or 1000,
-                )
+                raise shed(request.model, decision.reason, decision.retry_after_ms)
             if decision.action == common_pb2.ACTION_OVERFLOW:
                 async with contextlib.aclosing(self._overflow(call, decision, request_id)) as fw:
                     async for response in fw:

@@ -60,6 +60,15 @@ def invalid(field: str, message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field=field)
 
 
+def shed(model: str, reason: str, retry_after_ms: int) -> GatewayError:
+    """Admission answered SHED: RESOURCE_EXHAUSTED with its retry-after (1 s when unset)."""
+    return GatewayError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"no capacity for {model} within the budget ({reason}); retry after {retry_after_ms} ms",
+        retry_after_ms=retry_after_ms or 1000,
+    )
+
+
 def _details(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
     """(retry-after ms, bad field) from a dependency's google.rpc details, so a passed-on
     status keeps its RetryInfo and BadRequest."""

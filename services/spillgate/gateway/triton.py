@@ -60,7 +60,7 @@ from spillgate.core.decision import Priority
 from spillgate.core.prefix import block_hashes, tokenize
 from spillgate.gateway.auth import Scope
 from spillgate.gateway.chat import BLOCK_SIZE, HOPS_KEY, ORIGIN_KEY, Gateway
-from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid
+from spillgate.gateway.errors import GatewayError, as_gateway_error, invalid, shed
 from spillgate.gateway.service import Authenticate
 from spillgate.registry.store import ALIAS, MODEL, VERSION
 
@@ -553,12 +553,7 @@ class TritonPassthrough(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise invalid("stream", "ModelInfer returns one response: use ModelStreamInfer")
         decision = await self.gateway.admit(context, deadline)
         if decision.action == common_pb2.ACTION_SHED:
-            raise GatewayError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no capacity for {context.model} within the budget ({decision.reason}); "
-                f"retry after {decision.retry_after_ms} ms",
-                retry_after_ms=decision.retry_after_ms or 1000,
-            )
+            raise shed(context.model, decision.reason, decision.retry_after_ms)
         if decision.action == common_pb2.ACTION_OVERFLOW:
             stream = self._overflow(msg, metadata, context, decision, deadline, unary)
         else:
