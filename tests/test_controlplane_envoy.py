@@ -427,8 +427,26 @@ def test_controlplane_restart_resyncs_and_drain_reaches_envoy_within_a_second(
         stats = host_stats(envoy, "replicas|us")
         assert int(stats[drained]["rq_total"]) == before
         assert sum(int(h["rq_total"]) for h in stats.values()) >= before + 20
+        # Drain the whole eu region by its flag: its gateway reaches mesh-us as DRAINING
+        # within a second too (overflow from us stops going there).
+        drained_eu = mesh.state(drained_regions=("eu",))
+        start = time.monotonic()
+        apply(mesh.registry, [e for e in drained_eu.values() if e.WhichOneof("entity") == "region"])
+        assert host_stats(envoy, "gateway|eu")  # eu's gateway is a host of mesh-us
+        eventually(
+            lambda: all(
+                "eds_status_draining" in h.get("health_flags", "")
+                for h in host_stats(envoy, "gateway|eu").values()
+            ),
+            timeout=5,
+            interval=0.01,
+        )
+        assert time.monotonic() - start < 1.0
     finally:
-        apply(mesh.registry, [e for e in mesh.entities if e.WhichOneof("entity") == "replica"])
+        apply(
+            mesh.registry,
+            [e for e in mesh.entities if e.WhichOneof("entity") in ("replica", "region")],
+        )
         cp.stop()
     print("".join(cp.output))
     assert not [line for line in cp.output if "Traceback" in line or " ERROR " in line]
