@@ -34,6 +34,11 @@ from spillgate.core.overflow import ModelHeadroom, NeighbourSummary
 from spillgate.core.policy_config import PolicyConfig
 from spillgate.registry.store import ALIAS, MODEL, REGION, REPLICA, VERSION, Key
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+_NO_AVOID: frozenset[str] = frozenset()  # most requests are not retries
+
 _STATUS = {
     common_pb2.REPLICA_STATE_READY: ReplicaStatus.READY,
     common_pb2.REPLICA_STATE_DRAINING: ReplicaStatus.DRAINING,
@@ -54,8 +59,17 @@ class Clocks:
     def to_wire(self, mono: float) -> timestamp_pb2.Timestamp:
         """A monotonic instant as a wire timestamp."""
         ts = timestamp_pb2.Timestamp()
-        ts.FromDatetime(self.wall + timedelta(seconds=mono - self.mono))
+        self.write_wire(ts, mono)
         return ts
+
+    def write_wire(self, ts: timestamp_pb2.Timestamp, mono: float) -> None:
+        """Set ``ts`` to a monotonic instant: what ``Timestamp.FromDatetime`` gives, in
+        integer microseconds (a fifth of its cost, which goes to ``calendar.timegm``)."""
+        wall = self.wall if self.wall.tzinfo is not None else self.wall.replace(tzinfo=UTC)
+        micros = (wall + timedelta(seconds=mono - self.mono) - _EPOCH) // _MICROSECOND
+        seconds, micros = divmod(micros, 1_000_000)
+        ts.seconds = seconds
+        ts.nanos = micros * 1000
 
 
 # -- registry -> fleet ----------------------------------------------------------------------
@@ -120,7 +134,8 @@ def request_from_proto(
         tenant=ctx.tenant,
         session_id=ctx.session_id,
         prompt_tokens=ctx.prompt_tokens,
-        prefix_block_hashes=tuple(ctx.prefix_block_hashes),
+        # A slice copies the repeated field in one C call: ~30% faster than iterating it.
+        prefix_block_hashes=tuple(ctx.prefix_block_hashes[:]),
         block_size_tokens=ctx.block_size_tokens or 16,
         cache_salt=ctx.cache_salt,
         max_tokens=ctx.max_tokens,
@@ -128,52 +143,59 @@ def request_from_proto(
         allow_degrade=ctx.allow_degrade,
         hops=ctx.hops,
         origin_region=ctx.origin_region,
-        avoid_replicas=frozenset(ctx.avoid_replicas),
+        avoid_replicas=frozenset(ctx.avoid_replicas) if ctx.avoid_replicas else _NO_AVOID,
     )
 
 
 def ticket_to_proto(ticket: Ticket, clocks: Clocks) -> common_pb2.Ticket:
-    return common_pb2.Ticket(
-        id=ticket.id,
-        lease_expires_at=clocks.to_wire(ticket.lease_expires_at),
-        lease_ms=ticket.lease_ms,
-        region=ticket.region,
-        replica=ticket.replica,
-    )
+    out = common_pb2.Ticket()
+    _write_ticket(out, ticket, clocks)
+    return out
+
+
+def _write_ticket(out: common_pb2.Ticket, ticket: Ticket, clocks: Clocks) -> None:
+    out.id = ticket.id
+    clocks.write_wire(out.lease_expires_at, ticket.lease_expires_at)
+    out.lease_ms = ticket.lease_ms
+    out.region = ticket.region
+    out.replica = ticket.replica
 
 
 def decision_to_proto(d: Decision, clocks: Clocks) -> common_pb2.Decision:
     """The wire Decision (field for field)."""
-    e = d.estimate
-    out = common_pb2.Decision(
-        action=int(d.action),  # type: ignore[arg-type]  # same numbering as the enum
-        reason=str(d.reason),
-        detail=d.detail,
-        estimate=common_pb2.Estimate(
-            network_ms=e.network_ms,
-            queue_ms=e.queue_ms,
-            prefill_ms=e.prefill_ms,
-            decode_ms=e.decode_ms,
-            total_ms=e.total_ms,
-            budget_ms=e.budget_ms,
-            cached_tokens=e.cached_tokens,
-        ),
-        region=d.region,
-        replica=d.replica,
-        endpoint=d.endpoint,
-        model=d.model,
-        version=d.version,
-        triton_model_name=d.triton_model_name,
-        triton_model_version=d.triton_model_version,
-        retry_after_ms=d.retry_after_ms,
-        queue_ms=d.queue_ms,
-    )
+    out = common_pb2.Decision()
+    write_decision(out, d, clocks)
+    return out
+
+
+def write_decision(out: common_pb2.Decision, d: Decision, clocks: Clocks) -> None:
+    """Fill ``out`` (e.g. ``AdmitResponse.decision``) with ``d`` in place: passing a built
+    message to a constructor copies it, which cost as much as building it."""
+    out.action = int(d.action)  # type: ignore[assignment]  # same numbering as the enum
+    out.reason = str(d.reason)
+    out.detail = d.detail
+    e, est = d.estimate, out.estimate
+    est.network_ms = e.network_ms
+    est.queue_ms = e.queue_ms
+    est.prefill_ms = e.prefill_ms
+    est.decode_ms = e.decode_ms
+    est.total_ms = e.total_ms
+    est.budget_ms = e.budget_ms
+    est.cached_tokens = e.cached_tokens
+    out.region = d.region
+    out.replica = d.replica
+    out.endpoint = d.endpoint
+    out.model = d.model
+    out.version = d.version
+    out.triton_model_name = d.triton_model_name
+    out.triton_model_version = d.triton_model_version
+    out.retry_after_ms = d.retry_after_ms
+    out.queue_ms = d.queue_ms
     if d.degrade is not None:
         out.degrade.fallback_model = d.degrade.fallback_model
         out.degrade.max_tokens = d.degrade.max_tokens
     if d.ticket is not None:
-        out.ticket.CopyFrom(ticket_to_proto(d.ticket, clocks))
-    return out
+        _write_ticket(out.ticket, d.ticket, clocks)
 
 
 # -- region summaries -----------------------------------------------------------------------

@@ -24,10 +24,10 @@ import grpc
 from spillgate._proto import admission_pb2, admission_pb2_grpc
 from spillgate.admission.convert import (
     Clocks,
-    decision_to_proto,
     request_from_proto,
     summary_to_proto,
     ticket_to_proto,
+    write_decision,
 )
 from spillgate.admission.errors import to_rpc_error
 from spillgate.core.decision import Action, Decision, Outcome, Request
@@ -130,7 +130,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
         req = request_from_proto(request.context, clocks, self._policy_config)
         if request.dry_run:
             decision = self.policy.decide(req, clocks.mono, commit=False)
-            return admission_pb2.AdmitResponse(decision=decision_to_proto(decision, clocks))
+            return _admit_response(decision, clocks)
         decision = self.policy.decide(req, clocks.mono)
         if decision.action is Action.QUEUE:
             future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
@@ -150,7 +150,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
                 raise
             clocks = self.clocks()
         self._count(decision)
-        return admission_pb2.AdmitResponse(decision=decision_to_proto(decision, clocks))
+        return _admit_response(decision, clocks)
 
     def _finish(self, req: Request, decision: Decision, now: float) -> None:
         entry = self._waiting.pop(id(req), None)
@@ -311,3 +311,9 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServiceServicer):
 
     def _in_flight(self, replicas: list[str]) -> int:
         return sum(self.policy.in_flight_on(r) for r in replicas)
+
+
+def _admit_response(decision: Decision, clocks: Clocks) -> admission_pb2.AdmitResponse:
+    response = admission_pb2.AdmitResponse()
+    write_decision(response.decision, decision, clocks)  # in place: no copy of the message
+    return response

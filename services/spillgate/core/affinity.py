@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 
 
 def namespace_mask(model: str, version: str, cache_salt: str) -> int:
@@ -23,10 +24,17 @@ def namespace_mask(model: str, version: str, cache_salt: str) -> int:
 class PrefixIndex:
     """Approximate per-lane LRU of namespaced block hashes plus a reverse index.
 
-    ``holders[key]`` is the set of lanes that hold ``key``. Touching a chain inserts it tail
+    ``holders[key]`` lists the lanes that hold ``key``. Touching a chain inserts it tail
     first so the head is most recent: LRU eviction then drops tails before the prefix they
     extend, which keeps every lane's chains prefix-closed, so the deepest matching block can
     be found by binary search.
+
+    Recording a SERVEd prompt is a third of a decision's cost and is bound by memory (tens
+    of thousands of keys), so the structures are the smallest that do the job: a lane's LRU
+    is a plain dict in recency order (oldest first; a use deletes and re-inserts the key),
+    and the lanes holding a key are a tuple, not a set: most keys have one or two holders,
+    a small tuple is a fifth of a set's size, and the garbage collector stops tracking a
+    tuple of ints.
     """
 
     def __init__(self, stride: int = 1) -> None:
@@ -34,26 +42,28 @@ class PrefixIndex:
         # so a match there proves the whole prefix): 1/stride of the cost and memory, match
         # depth rounded down to a multiple of ``stride``.
         self._stride = max(1, stride)
-        self._holders: dict[int, set[int]] = {}
-        self._lru: dict[int, OrderedDict[int, None]] = {}
+        self._holders: dict[int, tuple[int, ...]] = {}
+        self._lru: dict[int, dict[int, None]] = {}
         self._capacity: dict[int, int] = {}
 
     def add_lane(self, lane: int, capacity_blocks: int) -> None:
         """Register (or resize) a lane's LRU."""
-        self._lru.setdefault(lane, OrderedDict())
+        self._lru.setdefault(lane, {})
         self._capacity[lane] = max(1, capacity_blocks)
         self._evict(lane)
 
     def remove_lane(self, lane: int) -> None:
         """Forget a lane and everything it held."""
-        for key in self._lru.pop(lane, OrderedDict()):
+        for key in self._lru.pop(lane, {}):
             self._drop(key, lane)
         self._capacity.pop(lane, None)
 
-    def match(self, mask: int, hashes: tuple[int, ...], min_blocks: int) -> tuple[int, set[int]]:
+    def match(
+        self, mask: int, hashes: tuple[int, ...], min_blocks: int
+    ) -> tuple[int, tuple[int, ...]]:
         """(depth, lanes) of the deepest block of ``hashes`` any lane holds, if >= min_blocks.
 
-        Returns (0, empty set) when no lane holds at least ``min_blocks`` leading blocks.
+        Returns (0, ()) when no lane holds at least ``min_blocks`` leading blocks.
         O(log n) dict lookups.
         """
         holders = self._holders
@@ -82,19 +92,18 @@ class PrefixIndex:
         if lru is None:
             return
         holders = self._holders
-        move = lru.move_to_end
         stride = self._stride
+        only = (lane,)  # shared by every key only this lane holds
         for h in reversed(hashes[stride - 1 :: stride] if stride > 1 else hashes):
             key = h ^ mask
             if key in lru:
-                move(key)
+                del lru[key]  # re-inserted last: the most recent
+                lru[key] = None
             else:
                 lru[key] = None
-                lanes = holders.get(key)
-                if lanes is None:
-                    holders[key] = {lane}
-                else:
-                    lanes.add(lane)
+                lanes = holders.setdefault(key, only)
+                if lanes is not only:
+                    holders[key] = (*lanes, lane)
         if len(lru) > self._capacity[lane]:
             self._evict(lane)
 
@@ -103,25 +112,21 @@ class PrefixIndex:
         return len(self._lru.get(lane, ()))
 
     def _evict(self, lane: int) -> None:
-        lru, cap, holders = self._lru[lane], self._capacity[lane], self._holders
-        pop = lru.popitem
-        while len(lru) > cap:
-            key, _ = pop(last=False)
-            lanes = holders.get(key)
-            if lanes is not None:
-                lanes.discard(lane)
-                if not lanes:
-                    del holders[key]
+        lru, holders = self._lru[lane], self._holders
+        # The oldest keys come first; inlines _drop: this runs for most SERVEs of a full lane.
+        for key in list(islice(lru, max(0, len(lru) - self._capacity[lane]))):
+            del lru[key]
+            lanes = holders.pop(key)
+            if len(lanes) > 1:
+                holders[key] = tuple(other for other in lanes if other != lane)
 
     def _drop(self, key: int, lane: int) -> None:
-        lanes = self._holders.get(key)
-        if lanes is not None:
-            lanes.discard(lane)
-            if not lanes:
-                del self._holders[key]
+        lanes = self._holders.pop(key, ())
+        if len(lanes) > 1:
+            self._holders[key] = tuple(other for other in lanes if other != lane)
 
 
-_EMPTY: set[int] = set()  # shared, never mutated: returned for "no match"
+_EMPTY: tuple[int, ...] = ()  # returned for "no match"
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ class Lane:
         "id",
         "inflight",
         "itl_base",
+        "itl_next",
         "itl_per_seq",
         "kv_blocks",
         "load",
@@ -109,6 +110,7 @@ class Lane:
         self._itl_per_seq0 = prior.itl_per_seq_ms
         self.prefill_per_token = self._prefill0
         self.itl_base, self.itl_per_seq = self._itl_base0, self._itl_per_seq0
+        self.itl_next = self._itl_next()
 
     def _usable(self) -> tuple[int, ...]:
         # Slots a priority may fill before it must wait: the reserve keeps the last ones for
@@ -128,6 +130,7 @@ class Lane:
             self.slots = slots
             self.usable = self._usable()
             self.rate = self.slots / self.service_ms
+            self.itl_next = self._itl_next()
 
     def observe(self, load: ModelLoad | None, now: float) -> None:
         """Apply one scrape; unknown running/waiting marks the lane saturated (stale)."""
@@ -152,6 +155,7 @@ class Lane:
         self.prefill_per_token += f * (self._prefill0 - self.prefill_per_token)
         self.itl_base += f * (self._itl_base0 - self.itl_base)
         self.itl_per_seq += f * (self._itl_per_seq0 - self.itl_per_seq)
+        self.itl_next = self._itl_next()
 
     def admit(self) -> None:
         """Account one request this admission sent here."""
@@ -167,6 +171,12 @@ class Lane:
 
     def _reload(self) -> None:
         self.load = max(self.scraped + self.delta, self.inflight, 0)
+        self.itl_next = self._itl_next()
+
+    def _itl_next(self) -> float:
+        # Kept in ``itl_next`` (the placement scan reads it for every candidate on every
+        # decision); recomputed whenever load, slots or the learned speed change.
+        return self.itl_base + self.itl_per_seq * (min(self.load + 1, self.slots) - 1)
 
     def available(self, now: float, fresh_after: float) -> bool:
         """Candidate check: fresh signals, not draining, breaker lets a request through."""
@@ -181,7 +191,7 @@ class Lane:
 
     def itl_ms(self) -> float:
         """Inter-token latency with one more sequence in the batch."""
-        return self.itl_base + self.itl_per_seq * (min(self.load + 1, self.slots) - 1)
+        return self.itl_next
 
     def prefill_ms(self, uncached_tokens: int) -> float:
         """TTFT without queueing for ``uncached_tokens`` prompt tokens."""
@@ -211,6 +221,7 @@ class Lane:
             scale = _clamp(cur + a * (ratio - cur))
             self.itl_base = self._itl_base0 * scale
             self.itl_per_seq = self._itl_per_seq0 * scale
+            self.itl_next = self._itl_next()
 
     def refresh(self, replica: ReplicaInfo, info: VersionInfo) -> None:
         """Take a newer registry record of the same (replica, model, version); load,

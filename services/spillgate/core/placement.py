@@ -80,34 +80,39 @@ def scan(
     output_tokens: int,
     remaining_ms: float,
     epsilon: float,
-    holders: set[int],
+    holders: tuple[int, ...],
     cached_tokens: int,
-    session_replica: str,
+    session_lane: Lane | None,
 ) -> Scan:
     """Predict every available lane and choose one (see module docstring).
 
     ``holders``/``cached_tokens``: lanes expected to hold the prompt's prefix and how many
-    prompt tokens would hit. ``session_replica``: the session's previous replica ("" = none).
+    prompt tokens would hit. ``session_lane``: the session's previous lane (None = none).
     """
+    # This loop runs for every candidate of every decision: it reads each attribute once,
+    # and the lanes keep ``itl_next`` current instead of it being derived here.
     best: Lane | None = None
-    best_total = best_q = best_itl = math.inf
+    best_total = best_q = math.inf
     min_unloaded = math.inf
-    sum_load = sum_slots = n = backlog = 0
+    sum_load = sum_slots = skipped = backlog = 0
     rate = 0.0
     affine: list[Lane] | None = None
-    check_affinity = bool(holders) or bool(session_replica)
+    affine_ids = set(holders)  # a hot prefix can have dozens of holders
+    if session_lane is not None:
+        affine_ids.add(session_lane.id)
+    check_affinity = bool(affine_ids)
     for lane in lanes:
         if lane.signal_time < fresh_after or lane.draining:
+            skipped += 1  # counted here, the rare case, rather than the candidates
             continue
         br = lane.breaker
         if br is not None and not br.allows(now):
+            skipped += 1
             continue
         load = lane.load
-        slots = lane.slots
         lane_rate = lane.rate
-        n += 1
         sum_load += load
-        sum_slots += slots
+        sum_slots += lane.slots
         rate += lane_rate
         ahead = load - lane.usable[priority] + 1
         if ahead > 0:
@@ -115,27 +120,25 @@ def scan(
             q = ahead / lane_rate
         else:
             q = 0.0
-        itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
-        pd = lane.overhead + prompt_tokens * lane.prefill_per_token + output_tokens * itl
+        pd = lane.overhead + prompt_tokens * lane.prefill_per_token + output_tokens * lane.itl_next
         if pd < min_unloaded:
             min_unloaded = pd
         if q + pd < best_total:
-            best, best_total, best_q, best_itl = lane, q + pd, q, itl
-        if check_affinity and (
-            lane.id in holders or (session_replica and lane.replica == session_replica)
-        ):
+            best, best_total, best_q = lane, q + pd, q
+        if check_affinity and lane.id in affine_ids:
             if affine is None:
                 affine = [lane]
             else:
                 affine.append(lane)
     if best is None:
         return NO_CANDIDATES
+    itl = best.itl_next
     pick = Pick(
         best,
         best_q,
         best.overhead + prompt_tokens * best.prefill_per_token,
-        output_tokens * best_itl,
-        best_itl,
+        output_tokens * itl,
+        itl,
         0,
         Reason.LOCAL_FIT,
     )
@@ -145,11 +148,11 @@ def scan(
         bound = (1.0 + epsilon) * (sum_load + 1) / sum_slots
         pick = _affinity(
             affine, pick, priority, prompt_tokens, output_tokens, remaining_ms, bound,
-            holders, cached_tokens, session_replica,
+            holders, cached_tokens, session_lane,
         )  # fmt: skip
     unloaded = min(min_unloaded, pick.prefill_ms + pick.decode_ms)
     fits = pick.queue_ms == 0.0 and pick.total_ms <= remaining_ms
-    return Scan(pick, fits, unloaded <= remaining_ms, n, rate, backlog)
+    return Scan(pick, fits, unloaded <= remaining_ms, len(lanes) - skipped, rate, backlog)
 
 
 def _affinity(
@@ -160,9 +163,9 @@ def _affinity(
     output_tokens: int,
     remaining_ms: float,
     bound: float,
-    holders: set[int],
+    holders: tuple[int, ...],
     cached_tokens: int,
-    session_replica: str,
+    session_lane: Lane | None,
 ) -> Pick:
     # Inlines predict() (same formulas, same float order); a Pick is built only for a winner.
     chosen = best
@@ -177,11 +180,11 @@ def _affinity(
         if q > chosen_q:
             continue  # affinity never trades a free slot for a wait
         cached = cached_tokens if lane.id in holders else 0
-        itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
+        itl = lane.itl_next
         prefill = lane.overhead + max(0, prompt_tokens - cached) * lane.prefill_per_token
         decode = output_tokens * itl
         total = q + prefill + decode
-        if session_replica and lane.replica == session_replica:
+        if lane is session_lane:
             if total <= remaining_ms:
                 # stickiness wins whenever it fits within the load bound
                 return Pick(lane, q, prefill, decode, itl, cached, Reason.SESSION_AFFINITY)
@@ -221,7 +224,7 @@ def max_tokens_that_fit(
     remaining_ms: float,
 ) -> tuple[int, Pick | None]:
     """Largest output length any lane with a free usable slot finishes within ``remaining_ms``."""
-    # Inlines Lane.available/queue_ms/prefill_ms/itl_ms (same formulas, same float order).
+    # Inlines Lane.available/queue_ms/prefill_ms (same formulas, same float order).
     best_tokens, best_lane = -1, None
     for lane in lanes:
         if lane.signal_time < fresh_after or lane.draining:
@@ -229,17 +232,12 @@ def max_tokens_that_fit(
         br = lane.breaker
         if br is not None and not br.allows(now):
             continue
-        load, slots = lane.load, lane.slots
-        ahead = load - lane.usable[priority] + 1
+        ahead = lane.load - lane.usable[priority] + 1
         q = ahead / lane.rate if ahead > 0 else 0.0
         if q > 0:
             continue
         left = remaining_ms - q - (lane.overhead + prompt_tokens * lane.prefill_per_token)
-        if left > 0:
-            itl = lane.itl_base + lane.itl_per_seq * (load if load < slots else slots - 1)
-            tokens = math.floor(left / itl)
-        else:
-            tokens = 0
+        tokens = math.floor(left / lane.itl_next) if left > 0 else 0
         if tokens > best_tokens:
             best_tokens, best_lane = tokens, lane
     if best_lane is None:

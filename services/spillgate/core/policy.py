@@ -50,7 +50,7 @@ from spillgate.core.policy_state import LaneSet, build_summary
 from spillgate.core.signals import Signals
 from spillgate.core.tickets import TicketBook
 
-_NO_HOLDERS: set[int] = set()
+_NO_HOLDERS: tuple[int, ...] = ()
 
 
 class Policy:
@@ -378,10 +378,13 @@ class Policy:
             mask = self._mask(target.model, target.version, req.cache_salt)
             depth, holders = self._prefix.match(mask, hashes, cfg.min_prefix_blocks)
             cached = min(depth * req.block_size_tokens, req.prompt_tokens)
+        session_lane = None
+        if target.session_replica:
+            session_lane = self._lanes.get(target.session_replica, target.model, target.version)
         return scan(
             lanes, now, now - cfg.stale_after_s, slot_class(req.priority, req.hops),
             req.prompt_tokens, tokens,
-            remaining, cfg.epsilon, holders, cached, target.session_replica,
+            remaining, cfg.epsilon, holders, cached, session_lane,
         )  # fmt: skip
 
     def _serve(

@@ -68,6 +68,10 @@ class LaneSet:
         """Lanes serving ``model@version`` (candidates before the freshness/breaker check)."""
         return self._by_version.get((model, version), _NONE)
 
+    def get(self, replica: str, model: str, version: str) -> Lane | None:
+        """The lane of ``model@version`` on ``replica``, if it serves it."""
+        return self._by_key.get((replica, model, version))
+
     def of_replica(self, replica: str) -> list[Lane]:
         """Lanes of one replica (one per loaded version)."""
         return self._by_replica.get(replica, _NONE)
