@@ -100,7 +100,7 @@ class EngineStats:
     rejected: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Seq:
     req: SeqRequest
     blocks_needed: int
@@ -180,7 +180,7 @@ class Engine:
         seq = _Seq(req, needed)
         self._live[req.id] = seq
         self._waiting.append(seq)
-        self._schedule(now)
+        self._schedule(now, direct=True)
         return SubmitResult.ACCEPTED
 
     def cancel(self, seq_id: str, now: float) -> bool:
@@ -199,7 +199,7 @@ class Engine:
             self._release(seq)
         else:
             self._waiting.remove(seq)
-        self._schedule(now)
+        self._schedule(now, direct=True)
         return True
 
     def advance(self, now: float) -> list[EngineEvent]:
@@ -260,13 +260,20 @@ class Engine:
     # -- time ---------------------------------------------------------------------------------
 
     def _process(self, now: float) -> None:
-        if math.isnan(now) or now < self._now:
+        if now < self._now or now != now:  # now != now: NaN
             raise ValueError(f"now={now} is earlier than the engine time {self._now}")
         self._now = now
         heap = self._heap
+        if not heap or heap[0][0] > now:
+            return
         # Hot loop (the global simulator runs millions of these): locals, no helper calls
-        # on the common paths; same events in the same order as the straightforward version.
-        outbox, pop = self._outbox, heapq.heappop
+        # on the common paths; same events, same order and the same rng draws as the
+        # straightforward version (gap = itl_ms(running) x jitter factor, inlined).
+        outbox, pop, push = self._outbox, heapq.heappop, heapq.heappush
+        cfg = self._cfg
+        base, per_seq, jitter = cfg.itl_base_ms, cfg.itl_per_seq_ms, cfg.jitter
+        token_events = cfg.token_events
+        running = self._running
         while heap and heap[0][0] <= now:
             time, _, seq, kind, index = pop(heap)
             if seq.done:
@@ -280,47 +287,51 @@ class Engine:
                 outbox.append(EngineEvent(_TOKEN, sid, time, index))
             if kind is _FINISHED or index == last:
                 self._finish(seq, time)
-            elif self._cfg.token_events:
-                gap = self.itl_ms(len(self._running)) * self._jitter()
-                self._push(time + gap, seq, _TOKEN, index + 1)
+                continue
+            itl = base + per_seq * max(0, len(running) - 1)
+            if token_events:
+                draw = 1.0 if jitter == 0 else max(0.05, self._rng.gauss(1.0, jitter))
+                nxt, nkind = index + 1, _TOKEN
             else:
-                gap = self.itl_ms(len(self._running)) * self._jitter_sum(last - index)
-                self._push(time + gap, seq, _FINISHED, last)
-
-    def _jitter(self) -> float:
-        if self._cfg.jitter == 0:
-            return 1.0
-        return max(0.05, self._rng.gauss(1.0, self._cfg.jitter))
-
-    def _jitter_sum(self, n: int) -> float:
-        # The sum of n independent jitter factors, drawn as one normal with the same mean and
-        # variance, so token_events=False costs one draw instead of n.
-        if self._cfg.jitter == 0:
-            return float(n)
-        return max(0.05 * n, self._rng.gauss(n, self._cfg.jitter * math.sqrt(n)))
-
-    def _push(self, time: float, seq: _Seq, kind: EventKind, index: int = -1) -> None:
-        self._seqno += 1
-        heapq.heappush(self._heap, (time, self._seqno, seq, kind, index))
-
-    def _emit(self, kind: EventKind, sid: str, time: float, **extra: int) -> None:
-        self._outbox.append(EngineEvent(kind, sid, time, **extra))
+                # The sum of the n remaining jitter factors, drawn as one normal with the same
+                # mean and variance, so token_events=False costs one draw instead of n.
+                n = last - index
+                if jitter == 0:
+                    draw = float(n)
+                else:
+                    draw = max(0.05 * n, self._rng.gauss(n, jitter * math.sqrt(n)))
+                nxt, nkind = last, _FINISHED
+            self._seqno += 1
+            push(heap, (time + itl * draw, self._seqno, seq, nkind, nxt))
 
     def _finish(self, seq: _Seq, time: float) -> None:
-        self._emit(EventKind.FINISHED, seq.req.id, time, token_index=seq.req.output_tokens)
+        req = seq.req
+        sid = req.id
+        self._outbox.append(EngineEvent(_FINISHED, sid, time, req.output_tokens))
         seq.done = True
         self._finished += 1
-        del self._live[seq.req.id]
-        del self._running[seq.req.id]
+        del self._live[sid]
+        del self._running[sid]
         self._release(seq)
-        self._schedule(time)
+        if self._waiting:
+            self._schedule(time)
 
     # -- scheduling and KV blocks ---------------------------------------------------------------
 
-    def _schedule(self, now: float) -> None:
-        # Strict FIFO: a head that cannot start blocks smaller requests behind it.
-        while self._waiting and self._can_start(self._waiting[0].req):
-            self._start(self._waiting.popleft(), now)
+    def _schedule(self, now: float, direct: bool = False) -> None:
+        # Strict FIFO: a head that cannot start blocks smaller requests behind it. The fit
+        # test and the prefix walk of _start are one pass here (same result as _can_start
+        # then _match: nothing changes the cache in between). ``direct``: nothing due at or
+        # before ``now`` is left in the heap (submit and cancel processed it), see _start.
+        waiting, refs, lru = self._waiting, self._refs, self._lru
+        slots = self._cfg.max_num_seqs
+        while waiting and len(self._running) < slots:
+            seq = waiting[0]
+            matched, unreferenced = _walk(refs, seq.req.block_hashes)
+            if seq.blocks_needed - matched > self._free + len(lru) - unreferenced:
+                return
+            waiting.popleft()
+            direct = self._start(seq, now, matched, direct)
 
     def _match(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
         refs = self._refs
@@ -334,53 +345,66 @@ class Engine:
     def _can_start(self, req: SeqRequest) -> bool:
         if len(self._running) >= self._cfg.max_num_seqs:
             return False
-        # The prefix walk and the count of matched blocks sitting in the LRU in one pass:
-        # matched blocks in the LRU are reused, not evicted, so they don't count twice.
-        refs = self._refs
-        matched = unreferenced = 0
-        for h in req.block_hashes:
-            r = refs.get(h)
-            if r is None:
-                break
-            matched += 1
-            if r == 0:
-                unreferenced += 1
+        matched, unreferenced = _walk(self._refs, req.block_hashes)
         needed = -(-(req.prompt_tokens + req.output_tokens) // self._cfg.block_size)
         evictable = len(self._lru) - unreferenced
         return needed - matched <= self._free + evictable
 
-    def _start(self, seq: _Seq, now: float) -> None:
+    def _start(self, seq: _Seq, now: float, n_matched: int, direct: bool) -> bool:
+        # ``n_matched``: the leading block hashes present in the cache (see _schedule).
+        # Returns whether a later start at ``now`` may still emit its STARTED directly.
         req = seq.req
         refs, lru = self._refs, self._lru
-        matched = self._match(req.block_hashes)
+        hashes = req.block_hashes
+        matched = hashes[:n_matched]
         for h in matched:
-            if refs[h] == 0:
+            r = refs[h]
+            if r == 0:
                 del lru[h]
-            refs[h] += 1
-        new = seq.blocks_needed - len(matched)
-        while self._free < new:
+            refs[h] = r + 1
+        new = seq.blocks_needed - n_matched
+        free = self._free
+        while free < new:
             evicted, _ = lru.popitem(last=False)
             del refs[evicted]
-            self._free += 1
-        self._free -= new
+            free += 1
+        self._free = free - new
         # Like vLLM v1, newly allocated full prompt blocks enter the cache at scheduling time,
         # so concurrent requests with the same prefix share them. A hash already present past
         # the first miss (impossible for a real chain; hashes come from callers) keeps its
         # entry and our copy stays private, so the hash -> block map stays unique.
-        registered = [h for h in req.block_hashes[len(matched) :] if h not in refs]
-        for h in registered:
-            refs[h] = 1
-        seq.hashes = matched + tuple(registered)
-        seq.private = seq.blocks_needed - len(seq.hashes)
-        seq.cached_tokens = len(matched) * self._cfg.block_size
+        if n_matched < len(hashes):
+            registered = [h for h in hashes[n_matched:] if h not in refs]
+            for h in registered:
+                refs[h] = 1
+            held = matched + tuple(registered)
+        else:
+            held = matched
+        seq.hashes = held
+        seq.private = seq.blocks_needed - len(held)
+        cfg = self._cfg
+        cached = seq.cached_tokens = n_matched * cfg.block_size
         self._queries += req.prompt_tokens
-        self._hits += seq.cached_tokens
+        self._hits += cached
         self._started += 1
         self._running[req.id] = seq
-        uncached = req.prompt_tokens - seq.cached_tokens
-        ttft = self._cfg.ttft_overhead_ms + uncached * self._cfg.prefill_ms_per_token
-        self._push(now, seq, EventKind.STARTED)
-        self._push(now + ttft * self._jitter(), seq, EventKind.TOKEN, 0)
+        ttft = cfg.ttft_overhead_ms + (req.prompt_tokens - cached) * cfg.prefill_ms_per_token
+        jitter = 1.0 if cfg.jitter == 0 else max(0.05, self._rng.gauss(1.0, cfg.jitter))
+        token_at = now + ttft * jitter
+        heap, push = self._heap, heapq.heappush
+        if direct and token_at > now:
+            # STARTED straight to the outbox instead of a heap entry due now: with nothing
+            # else due at ``now`` in the heap (``direct``) and this first token strictly
+            # later, the heap would have returned it next anyway, in this order.
+            self._outbox.append(EngineEvent(_STARTED, req.id, now, -1, cached))
+            self._seqno += 1
+            push(heap, (token_at, self._seqno, seq, _TOKEN, 0))
+            return True
+        seqno = self._seqno
+        push(heap, (now, seqno + 1, seq, _STARTED, -1))
+        push(heap, (token_at, seqno + 2, seq, _TOKEN, 0))
+        self._seqno = seqno + 2
+        return False
 
     def _release(self, seq: _Seq) -> None:
         # Tail blocks first, so they are older in the LRU and evicted before the prefix they
@@ -412,3 +436,18 @@ class Engine:
         assert all(not s.hashes and not s.private for s in self._waiting)
         times = [e.time_ms for e in self._outbox]
         assert times == sorted(times) and all(t <= self._now for t in times)
+
+
+def _walk(refs: dict[int, int], hashes: tuple[int, ...]) -> tuple[int, int]:
+    """(blocks of the prompt's prefix cached, how many of those sit unreferenced in the
+    LRU) in one pass: matched blocks in the LRU are reused, not evicted, so a fit test must
+    not count them twice."""
+    matched = unreferenced = 0
+    for h in hashes:
+        r = refs.get(h)
+        if r is None:
+            break
+        matched += 1
+        if r == 0:
+            unreferenced += 1
+    return matched, unreferenced

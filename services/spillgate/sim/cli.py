@@ -13,7 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spillgate.sim.harness import RunResult, SimConfig, Simulator
+from spillgate.sim.harness import (
+    LOCAL_STACK_ADMIT_MS,
+    LOCAL_STACK_STREAM_MS,
+    RunResult,
+    SimConfig,
+    Simulator,
+)
 from spillgate.sim.report import markdown, plots, table, write_json
 from spillgate.sim.routers import BASELINES, Router
 from spillgate.sim.scenarios import SCENARIOS
@@ -94,6 +100,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+    p.add_argument(
+        "--local-overhead",
+        action="store_true",
+        help="add the local stack's measured per-request Admit and stream set-up overhead",
+    )
     return p
 
 
@@ -107,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     policy_names = _names(args.policy, tuple(routers()), tuple(routers()), "policy")
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     budgets = dict(policy_config(world).budgets_ms)
+    config = SimConfig(seed=args.seed)
+    if args.local_overhead:
+        config = SimConfig(
+            seed=args.seed, admit_ms=LOCAL_STACK_ADMIT_MS, stream_ms=LOCAL_STACK_STREAM_MS
+        )
     results: list[RunResult] = []
     for sname in scenario_names:
         scenario = SCENARIOS[sname]
@@ -114,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             scenario = scenario.compressed(args.duration)
         for pname in policy_names:
             trace = TraceWorkload(args.trace, budgets) if args.trace else None
-            sim = Simulator(world, scenario, routers()[pname](), SimConfig(seed=args.seed), trace)
+            sim = Simulator(world, scenario, routers()[pname](), config, trace)
             if args.dump_trace and pname == policy_names[0]:
                 _dump(sim, args.dump_trace)
                 trace = TraceWorkload(args.dump_trace, budgets)
-                sim = Simulator(world, scenario, routers()[pname](), SimConfig(args.seed), trace)
+                sim = Simulator(world, scenario, routers()[pname](), config, trace)
             result = sim.run(Bar(f"{sname} / {pname}", show))
             results.append(result)
     print(markdown(results) if args.markdown else table(results))

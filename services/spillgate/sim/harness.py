@@ -1,6 +1,9 @@
 """The discrete-event harness: one virtual clock (ms), one heap of events, deterministic.
 
 Replicas are ``core.engine.Engine`` instances (no per-token events: ``token_events=False``).
+A served request reaches its engine after the request path's measured overhead (the Admit
+RPC for routers that make one, and the stream set-up: ``SimConfig.admit_ms`` / ``stream_ms``)
+plus the network when it is served in another region.
 Each request ends exactly once (ok, shed, error, or unfinished when the drain deadline
 passes); the harness checks that, residency on every dispatch, and each origin's overflow
 rate per neighbour against the token-bucket bound.
@@ -9,6 +12,7 @@ rate per neighbour against the token-bucket bound.
 from __future__ import annotations
 
 import functools
+import gc
 import heapq
 import itertools
 import math
@@ -26,6 +30,7 @@ from spillgate.sim.workload import SimRequest, TraceWorkload, Workload
 from spillgate.sim.world import World, policy_config, replica_ids
 
 _ARRIVAL, _ENGINE, _FORWARD, _DISPATCH, _CALL, _SCRAPE, _PUMP, _SAMPLE = range(8)
+_STARTED, _TOKEN = EventKind.STARTED, EventKind.TOKEN
 
 Progress = Callable[[float], None]  # fraction of simulated time done
 
@@ -40,6 +45,43 @@ class SimConfig:
     sample_ms: float = 500.0  # utilisation time series
     drain_ms: float = 120_000.0  # after the last arrival, how long requests may finish
     registry_lease_ms: float = 3_000.0  # a dead replica leaves the fleet view after this
+    # Per-request overhead of the request path that the engine does not model, as (p50,
+    # p90) ms; each request draws both parts from shifted exponentials with these quantiles
+    # and pays them before it reaches the replica's engine. (0, 0), the default, turns a
+    # part off; LOCAL_STACK_* below are this repository's local stack, measured.
+    admit_ms: tuple[float, float] = (0.0, 0.0)  # Admit RPC seen by the client (admit_rpc routers)
+    stream_ms: tuple[float, float] = (0.0, 0.0)  # stream set-up: stream TTFT - engine TTFT
+
+    def __post_init__(self) -> None:
+        for name in ("admit_ms", "stream_ms"):
+            p50, p90 = getattr(self, name)
+            if not 0.0 <= p50 <= p90 or math.isinf(p90):
+                raise ValueError(f"{name} must be finite (p50, p90) with 0 <= p50 <= p90")
+
+
+# The local stack's request-path overhead (gRPC and Python in client, admission and
+# replica simulator): medians over 10 runs of `make bench-sim-fidelity` (bench/sim_fidelity.py:
+# 300 requests each, Admit -> stream -> Release through 2 replica processes, all served) on
+# this project's 2-vCPU machine, 2026-11-23, load average 2.2-3.8. What the fidelity bench
+# and `spillgate sim --local-overhead` use; a production stack has its own.
+LOCAL_STACK_ADMIT_MS = (3.6, 8.6)
+LOCAL_STACK_STREAM_MS = (6.9, 16.2)
+
+
+class _Overhead:
+    """One overhead part: p50 and p90 of a shifted exponential (floor + Exp(mean))."""
+
+    def __init__(self, p50: float, p90: float, rng: random.Random) -> None:
+        # Exp(mean) has median mean x ln 2 and p90 mean x ln 10, so p90 - p50 = mean x ln 5.
+        self.mean = (p90 - p50) / math.log(5.0)
+        self.floor = max(0.0, p50 - self.mean * math.log(2.0))
+        self._rng = rng
+        self.on = p90 > 0.0
+
+    def draw(self) -> float:
+        if not self.mean:
+            return self.floor
+        return self.floor + self._rng.expovariate(1.0 / self.mean)
 
 
 @dataclass
@@ -90,10 +132,11 @@ class Simulator:
         self._net = random.Random(f"{seed}:net")
         self.rec = Recorder(world.regions)
         budgets = dict(policy_config(world).budgets_ms)
+        demand = {r: world.demand_scale(r) for r in world.regions}
         self.workload: Workload | TraceWorkload = trace or Workload(
             scenario.workload,
             world.regions,
-            lambda r, t: scenario.rate(r, t, world.demand_scale(r)),
+            lambda r, t: scenario.rate(r, t, demand[r]),
             scenario.duration_s,
             budgets,
             seed,
@@ -103,6 +146,10 @@ class Simulator:
         self._last_pump = -math.inf
         self._inbound = dict.fromkeys(world.regions, 0)
         self._overflow_window: dict[tuple[str, str, int], int] = {}
+        overhead = random.Random(f"{seed}:overhead")
+        admit = self.cfg.admit_ms if router.admit_rpc else (0.0, 0.0)
+        self._admit = _Overhead(*admit, overhead)
+        self._stream = _Overhead(*self.cfg.stream_ms, overhead)
         self._slots_by_region = {
             r: len(self.cluster.by_region[r]) * world.engine.max_num_seqs for r in world.regions
         }
@@ -134,11 +181,26 @@ class Simulator:
 
     def run(self, progress: Progress | None = None) -> RunResult:
         """Simulate to the end (arrivals stop at the scenario's duration, then a drain)."""
+        # A run allocates millions of GC-tracked objects (requests, heap entries, events)
+        # and makes no reference cycles (tests/test_sim.py checks that), so the cyclic
+        # collector would only re-scan the growing live state, ~10 % of the run time;
+        # reference counting frees everything. It is switched back on afterwards.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(progress)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self, progress: Progress | None) -> RunResult:
         wall0 = time.perf_counter()
         self.router.start(self.cluster, self.cfg.seed)
-        first = self.workload.next_time()
-        if first is not None:
-            self._push(first, _ARRIVAL)
+        workload = self.workload
+        # The next arrival waits outside the heap with the (time, insertion number) key it
+        # would have had inside it, so the order of events is the same, ties included.
+        first = workload.next_time()
+        arrival = None if first is None else (first, next(self._seq))
         self._push(0.0, _SCRAPE)
         self._push(0.0, _SAMPLE)
         for o in self.scenario.outages:
@@ -149,19 +211,24 @@ class Simulator:
         heap, pop = self._heap, heapq.heappop
         next_report, report_every = 0.0, self._end / 200.0
         now = 0.0
-        while heap:
-            now, _, kind, a, b = pop(heap)
+        sched = self._sched
+        while True:
+            if heap and (arrival is None or heap[0] < arrival):
+                now, _, kind, a, b = pop(heap)
+            elif arrival is not None:
+                now, kind = arrival[0], _ARRIVAL
+            else:
+                break
             if now > deadline:
                 break
             if kind == _ENGINE:
-                if self._sched[a] == now:
-                    self._sched[a] = math.inf
+                if sched[a] == now:
+                    sched[a] = math.inf
                     self._engine_events(a, now)
             elif kind == _ARRIVAL:
-                req = self.workload.pop()
-                nt = self.workload.next_time()
-                if nt is not None:
-                    self._push(nt, _ARRIVAL)
+                req = workload.pop()
+                nt = workload.next_time()
+                arrival = None if nt is None else (nt, next(self._seq))
                 if req is not None:
                     self._arrive(req, now)
             elif kind == _DISPATCH:
@@ -185,7 +252,7 @@ class Simulator:
             if progress is not None and now >= next_report:
                 progress(min(1.0, now / self._end))
                 next_report = now + report_every
-            if not self._live and now >= self._end and self.workload.next_time() is None:
+            if not self._live and now >= self._end and arrival is None:
                 break
         for req in list(self._live.values()):
             self._abandon(req, now)
@@ -226,10 +293,20 @@ class Simulator:
                 req.output_tokens = min(req.output_tokens, route.max_tokens)
             self.cluster.inflight[i] += 1
             self.router.on_dispatch(req, i, now)
+            # The client learns the decision (Admit), then opens its stream (network and
+            # set-up); the engine sees the request after all of it.
+            lead = 0.0
+            if self._admit.on:
+                lead += self._admit.draw()
+            if self._stream.on:
+                req.setup_ms = self._stream.draw()
+                lead += req.setup_ms
             if dest != region:
                 delay = self.world.one_way_ms(region, dest, self._net)
                 req.net_ms += delay
-                self._push(now + delay, _DISPATCH, req, i)
+                self._push(now + delay + lead, _DISPATCH, req, i)
+            elif lead:
+                self._push(now + lead, _DISPATCH, req, i)
             else:
                 self._dispatch(req, i, now)
         elif kind is RouteKind.FORWARD:
@@ -237,6 +314,8 @@ class Simulator:
             delay = self.world.one_way_ms(region, dest, self._net)
             req.net_ms += delay
             self._count_overflow(req.origin, dest, now)
+            if self._admit.on:  # the origin's Admit answered OVERFLOW
+                delay += self._admit.draw()
             self._push(now + delay, _FORWARD, req, dest)
         elif kind is RouteKind.QUEUED:
             req.queued = True
@@ -273,7 +352,9 @@ class Simulator:
             return
         req.submit = now
         self._live_on[i][seq.id] = req
-        self._engine_touched(i)
+        # Collect its STARTED event (due now) at once rather than through a second heap
+        # entry at the same time: the engine already processed everything due at ``now``.
+        self._engine_events(i, now)
 
     def _fail(self, req: SimRequest, i: int, now: float) -> None:
         self.cluster.inflight[i] -= 1
@@ -288,12 +369,13 @@ class Simulator:
             req = live.get(ev.seq_id)
             if req is None:
                 continue
-            if ev.kind is EventKind.STARTED:
+            kind = ev.kind
+            if kind is _TOKEN:
+                req.ttft_ms = ev.time_ms - req.submit  # replica-side until the end
+            elif kind is _STARTED:
                 req.cached = ev.cached_tokens
                 self.rec.started(region, req.prompt_tokens, ev.cached_tokens)
-            elif ev.kind is EventKind.TOKEN:
-                req.ttft_ms = ev.time_ms - req.submit  # replica-side until the end
-            elif ev.kind is EventKind.FINISHED:
+            else:
                 del live[ev.seq_id]
                 self.cluster.inflight[i] -= 1
                 replica_ttft = req.ttft_ms
@@ -301,7 +383,9 @@ class Simulator:
                 req.ttft_ms = req.submit + replica_ttft + req.net_ms - req.arrival
                 req.e2e_ms = ev.time_ms + req.net_ms - req.arrival
                 self._end_request(req, "ok", ev.time_ms)
-                self.router.on_end(req, i, True, replica_ttft, ev.time_ms)
+                # The ticket's TTFT as the client measures it, from the start of its stream.
+                stream_ttft = replica_ttft + req.setup_ms
+                self.router.on_end(req, i, True, stream_ttft, ev.time_ms)
                 self._kick(now)
         self._engine_touched(i)
 

@@ -90,6 +90,7 @@ class Router:
 
     name = "base"
     description = ""
+    admit_rpc = False  # True: each decision is an Admit RPC (pays SimConfig.admit_ms)
 
     def start(self, cluster: Cluster, seed: int) -> None:
         """Called once before the first request."""

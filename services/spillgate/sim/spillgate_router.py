@@ -32,6 +32,7 @@ class SpillgateRouter(Router):
 
     name = "spillgate"
     description = "spillgate admission (core.Policy per region, bounded overflow)"
+    admit_rpc = True
     summary_interval_ms = 100.0
     ticket_sweep_ms = 250.0
 
@@ -166,7 +167,7 @@ class SpillgateRouter(Router):
             return
         region = self.cluster.region_of[replica]
         outcome = Outcome.OK if ok else Outcome.ERROR
-        total = now - req.submit if ok else 0.0
+        total = now - req.submit + req.setup_ms if ok else 0.0  # from the client's stream start
         out = req.output_tokens if ok else 0
         t = now / 1000.0
         self.policies[region].release(req.ticket, outcome, t, ttft_ms, total, out)

@@ -57,6 +57,7 @@ class SimRequest:
         "residency",
         "served_region",
         "session",
+        "setup_ms",
         "shape",
         "status",
         "submit",
@@ -96,7 +97,8 @@ class SimRequest:
         self.served_region = ""
         self.replica = -1
         self.net_ms = 0.0  # one-way network origin -> serving region
-        self.submit = 0.0
+        self.submit = 0.0  # reached the replica's engine
+        self.setup_ms = 0.0  # stream set-up before the engine saw it (SimConfig.stream_ms)
         self.ttft_ms = math.nan
         self.e2e_ms = math.nan
         self.queued = False
