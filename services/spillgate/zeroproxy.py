@@ -55,7 +55,11 @@ class ZeroProxyClient:
         self._registry.add_listener(self._on_registry)
         self._channel = grpc.aio.insecure_channel(admission)
         self.gateway = Gateway(
-            region, admission_pb2_grpc.AdmissionServiceStub(self._channel), self._catalog, mesh=mesh
+            region,
+            admission_pb2_grpc.AdmissionServiceStub(self._channel),
+            self._catalog,
+            mesh=mesh,
+            coalesce_tokens=False,  # the consumer is the caller itself: nothing to batch
         )
         self._caller = Caller(tenant=tenant, key_id="", priority_ceiling=Priority.CRITICAL)
 

@@ -147,8 +147,13 @@ class Gateway:
         mesh: str = "",
         max_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        coalesce_tokens: bool = True,
     ) -> None:
+        """`coalesce_tokens`: merge tokens that arrive while the consumer is still writing
+        the previous message (forward.coalesce); right for a server writing to a network
+        client, a needless task hop per token for an in-process consumer."""
         self.region = region
+        self._coalesce = coalesce_tokens
         self._admission = admission
         self.catalog = catalog
         self.replicas = Replicas()
@@ -367,17 +372,17 @@ class Gateway:
         outcome: Any = admission_pb2.OUTCOME_ERROR
         usage = common_pb2.Usage()
         renewing = self._keep_renewed(decision.ticket) if decision.ticket.id else None
-        pieces = coalesce(
-            self.replicas.generate(
-                decision.endpoint,
-                decision.triton_model_name,
-                decision.triton_model_version,
-                prompt,
-                sampling,
-                request_id,
-                self._remaining_s(call),
-            )
+        pieces = self.replicas.generate(
+            decision.endpoint,
+            decision.triton_model_name,
+            decision.triton_model_version,
+            prompt,
+            sampling,
+            request_id,
+            self._remaining_s(call),
         )
+        if self._coalesce:
+            pieces = coalesce(pieces)
         try:
             first = True
             async for piece in pieces:

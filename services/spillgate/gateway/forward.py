@@ -118,7 +118,7 @@ class Replicas:
         sampling: dict[str, Any],
         request_id: str,
         timeout_s: float | None,
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """Stream one generation; cancelling the consumer cancels the replica request."""
         inputs = vllm_inputs(prompt, sampling)
 
