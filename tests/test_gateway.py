@@ -298,7 +298,12 @@ async def test_a_retry_after_a_refusal_goes_to_another_replica(
         routes = []
         for i in range(4):  # fewer refusals than the retry budget's half (gRFC A6: 10 / 2)
             message = gateway_pb2.ChatMessage(role="user", content=f"question {i} of the refusal")
-            answer = await chat(target, chat_request(messages=[message]))
+            try:
+                answer = await chat(target, chat_request(messages=[message]))
+            except grpc.aio.AioRpcError as exc:  # say why: the gateway's and admission's view
+                logs = "".join(f.gateway.output[-20:] + f.admission.output[-20:])
+                why = f"request {i}: {exc.code().name} {exc.details()}"
+                raise AssertionError(f"{why}\n{logs}") from exc
             routes.append(answer.route)
             assert answer.trailing.get("x-spillgate-refused-by", "") == ",".join(
                 answer.route.refused_by
