@@ -283,23 +283,25 @@ async def test_replica_killed_under_load_every_request_ends_exactly_once(
 async def test_a_retry_after_a_refusal_goes_to_another_replica(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Its own fleet: one region, two replicas; us-0 refuses every request at the door.
-
-    One request at a time, so the idle pool's choice is the same every time; whichever
-    replica that is, no request may end on us-0, and a request admission first sent to
-    us-0 says so in `refused_by` (it was retried on us-1, not on us-0 again).
+    """Its own fleet: one region, two replicas. The replica a session ran on starts refusing
+    every request at the door: the session's next request goes there first (session
+    affinity), is refused, and is retried on the other replica, not on the refusing one
+    again; the route says so in `refused_by`. No request ends on the refusing replica.
     """
     f = start_fleet(tmp_path_factory.mktemp("refuse") / "registry.db", replicas=2, speed="20")
     try:
         target = f.gateway_address
-        await chat_until_served(target, chat_request())
-        before = _executions(f.replicas[0])["executions"]
-        set_faults(f.replicas[0], refuse_rate=1.0)
+        first = await chat_until_served(target, chat_request(session_id="pinned"))
+        refusing = first.route.replica
+        other = {"us-0": "us-1", "us-1": "us-0"}[refusing]
+        bad = f.replicas[int(refusing[-1])]
+        before = _executions(bad)["executions"]
+        set_faults(bad, refuse_rate=1.0)
         routes = []
         for i in range(4):  # fewer refusals than the retry budget's half (gRFC A6: 10 / 2)
             message = gateway_pb2.ChatMessage(role="user", content=f"question {i} of the refusal")
             try:
-                answer = await chat(target, chat_request(messages=[message]))
+                answer = await chat(target, chat_request(messages=[message], session_id="pinned"))
             except grpc.aio.AioRpcError as exc:  # say why: the gateway's and admission's view
                 logs = "".join(f.gateway.output[-20:] + f.admission.output[-20:])
                 why = f"request {i}: {exc.code().name} {exc.details()}"
@@ -308,10 +310,10 @@ async def test_a_retry_after_a_refusal_goes_to_another_replica(
             assert answer.trailing.get("x-spillgate-refused-by", "") == ",".join(
                 answer.route.refused_by
             )
-        assert [r.replica for r in routes] == ["us-1"] * 4
-        assert all(list(r.refused_by) in ([], ["us-0"]) for r in routes), routes
-        assert any(r.refused_by for r in routes), "admission never tried us-0: nothing proved"
-        assert _executions(f.replicas[0])["executions"] == before  # refused: nothing ran
+        assert [r.replica for r in routes] == [other] * 4
+        assert all(list(r.refused_by) in ([], [refusing]) for r in routes), routes
+        assert list(routes[0].refused_by) == [refusing]  # the session's replica, tried first
+        assert _executions(bad)["executions"] == before  # refused: nothing ran
     finally:
         f.stop()
 

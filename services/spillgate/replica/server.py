@@ -412,6 +412,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         if self.faults.refuses():
+            # Read the request first, then refuse: aborting while the client is still
+            # sending it makes the client see INTERNAL ("Failed execute_batch") instead of
+            # this UNAVAILABLE.
+            await anext(aiter(request_iterator), None)
             await _abort(context, refused())
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
