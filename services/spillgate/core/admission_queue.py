@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from spillgate.core.decision import Priority, Reason, Request
 
-_PRIORITIES = tuple(Priority)  # iterating the enum class itself is slow on the hot path
+_PRIORITIES = tuple(sorted(Priority))  # ascending; iterating the enum class itself is slow
 
 
 @dataclass(eq=False, slots=True)
@@ -63,7 +63,12 @@ class AdmissionQueue:
     def ahead(self, priority: Priority) -> int:
         """Entries that would be served before a new arrival of ``priority``."""
         band_len = self._band_len
-        return sum(band_len[p] for p in _PRIORITIES if p <= priority)
+        n = 0
+        for p in _PRIORITIES:  # a loop, not a generator: this runs on every SHED
+            if p > priority:
+                break
+            n += band_len[p]
+        return n
 
     def has_room(self, priority: Priority) -> bool:
         """Whether ``push`` would accept an arrival of ``priority`` (pure)."""

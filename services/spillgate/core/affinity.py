@@ -94,16 +94,15 @@ class PrefixIndex:
         holders = self._holders
         stride = self._stride
         only = (lane,)  # shared by every key only this lane holds
+        pop = lru.pop
         for h in reversed(hashes[stride - 1 :: stride] if stride > 1 else hashes):
             key = h ^ mask
-            if key in lru:
-                del lru[key]  # re-inserted last: the most recent
-                lru[key] = None
-            else:
-                lru[key] = None
+            # One lookup takes a held key out (values are None); re-inserted last below.
+            if pop(key, _NEW) is _NEW:
                 lanes = holders.setdefault(key, only)
                 if lanes is not only:
                     holders[key] = (*lanes, lane)
+            lru[key] = None  # the most recent
         if len(lru) > self._capacity[lane]:
             self._evict(lane)
 
@@ -118,18 +117,26 @@ class PrefixIndex:
             del lru[key]
             lanes = holders.pop(key)
             if len(lanes) > 1:
-                holders[key] = tuple(other for other in lanes if other != lane)
+                holders[key] = _without(lanes, lane)
 
     def _drop(self, key: int, lane: int) -> None:
         lanes = self._holders.pop(key, ())
         if len(lanes) > 1:
-            self._holders[key] = tuple(other for other in lanes if other != lane)
+            self._holders[key] = _without(lanes, lane)
+
+
+def _without(lanes: tuple[int, ...], lane: int) -> tuple[int, ...]:
+    # A lane holds a key at most once (it is added only when the key is new to its LRU), so
+    # slicing around it equals filtering it out, without a generator per evicted key.
+    i = lanes.index(lane)
+    return lanes[:i] + lanes[i + 1 :]
 
 
 _EMPTY: tuple[int, ...] = ()  # returned for "no match"
+_NEW = object()  # ``touch``'s marker for a key the lane did not hold
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: built on every SERVE with a session
 class SessionEntry:
     """What a session is pinned to: the version it resolved and the replica that served it."""
 

@@ -14,11 +14,15 @@ would let a BATCH request sit ahead of a CRITICAL one).
 Affinity (session replica first, then the replica holding the longest prompt prefix) only
 applies while that lane's load + 1 <= ceil((1 + epsilon) x pool mean load per slot x its
 slots), so a hot session or prefix spreads instead of piling onto one replica.
+
+A request that may be degraded also gets the lanes with a free usable slot from the same
+pass, so DEGRADE by max_tokens (:func:`max_tokens_that_fit`) only looks at those lanes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spillgate.core.decision import Estimate, Reason
@@ -66,6 +70,7 @@ class Scan:
     candidates: int
     drain_rate: float  # requests per ms the candidates complete (sum of slots / service)
     backlog: int  # requests ahead of this priority beyond the candidates' usable slots
+    free: Sequence[Lane] = ()  # only with ``scan(..., degrade=True)``: lanes free now
 
 
 NO_CANDIDATES = Scan(None, False, False, 0, 0.0, 0)
@@ -83,19 +88,22 @@ def scan(
     holders: tuple[int, ...],
     cached_tokens: int,
     session_lane: Lane | None,
+    degrade: bool = False,
 ) -> Scan:
     """Predict every available lane and choose one (see module docstring).
 
     ``holders``/``cached_tokens``: lanes expected to hold the prompt's prefix and how many
     prompt tokens would hit. ``session_lane``: the session's previous lane (None = none).
+    ``degrade``: also collect ``Scan.free`` (for DEGRADE by max_tokens).
     """
     # This loop runs for every candidate of every decision: it reads each attribute once,
     # and the lanes keep ``itl_next`` current instead of it being derived here.
     best: Lane | None = None
-    best_total = best_q = math.inf
+    best_total = best_q = best_prefill = math.inf
     min_unloaded = math.inf
     sum_load = sum_slots = skipped = backlog = 0
     rate = 0.0
+    free: list[Lane] = []
     affine: list[Lane] | None = None
     affine_ids = set(holders)  # a hot prefix can have dozens of holders
     if session_lane is not None:
@@ -114,17 +122,21 @@ def scan(
         sum_load += load
         sum_slots += lane.slots
         rate += lane_rate
+        prefill = lane.overhead + prompt_tokens * lane.prefill_per_token
+        pd = prefill + output_tokens * lane.itl_next
         ahead = load - lane.usable[priority] + 1
         if ahead > 0:
             backlog += ahead
             q = ahead / lane_rate
+            total = q + pd
         else:
-            q = 0.0
-        pd = lane.overhead + prompt_tokens * lane.prefill_per_token + output_tokens * lane.itl_next
+            q, total = 0.0, pd  # 0.0 + pd, one float addition less for most lanes
+        if degrade and q == 0.0:
+            free.append(lane)
         if pd < min_unloaded:
             min_unloaded = pd
-        if q + pd < best_total:
-            best, best_total, best_q = lane, q + pd, q
+        if total < best_total:
+            best, best_total, best_q, best_prefill = lane, total, q, prefill
         if check_affinity and lane.id in affine_ids:
             if affine is None:
                 affine = [lane]
@@ -133,15 +145,7 @@ def scan(
     if best is None:
         return NO_CANDIDATES
     itl = best.itl_next
-    pick = Pick(
-        best,
-        best_q,
-        best.overhead + prompt_tokens * best.prefill_per_token,
-        output_tokens * itl,
-        itl,
-        0,
-        Reason.LOCAL_FIT,
-    )
+    pick = Pick(best, best_q, best_prefill, output_tokens * itl, itl, 0, Reason.LOCAL_FIT)
     if affine is not None:
         # Consistent hashing with bounded loads: a lane may take the request while
         # load + 1 <= ceil((1 + eps) x (pool load + 1) x its share of the pool's slots).
@@ -152,7 +156,10 @@ def scan(
         )  # fmt: skip
     unloaded = min(min_unloaded, pick.prefill_ms + pick.decode_ms)
     fits = pick.queue_ms == 0.0 and pick.total_ms <= remaining_ms
-    return Scan(pick, fits, unloaded <= remaining_ms, len(lanes) - skipped, rate, backlog)
+    return Scan(
+        pick, fits, unloaded <= remaining_ms, len(lanes) - skipped, rate, backlog,
+        free,
+    )  # fmt: skip
 
 
 def _affinity(
@@ -216,30 +223,22 @@ def predict(
 
 
 def max_tokens_that_fit(
-    lanes: list[Lane],
-    now: float,
-    fresh_after: float,
-    priority: int,
-    prompt_tokens: int,
-    remaining_ms: float,
+    free: Sequence[Lane], priority: int, prompt_tokens: int, remaining_ms: float
 ) -> tuple[int, Pick | None]:
-    """Largest output length any lane with a free usable slot finishes within ``remaining_ms``."""
-    # Inlines Lane.available/queue_ms/prefill_ms (same formulas, same float order).
+    """Largest output length any of the ``free`` lanes (``Scan.free``: available, with a free
+    usable slot) finishes within ``remaining_ms``, and its pick; (0, None) with none."""
+    # Inlines Lane.prefill_ms (same formulas, same float order; the queue wait is 0). A lane's
+    # output length is floor(left / itl) (0 when left <= 0); the first lane with the largest
+    # wins, and floor(x) > best <=> x >= best + 1, so floor() runs only for a new best.
     best_tokens, best_lane = -1, None
-    for lane in lanes:
-        if lane.signal_time < fresh_after or lane.draining:
-            continue
-        br = lane.breaker
-        if br is not None and not br.allows(now):
-            continue
-        ahead = lane.load - lane.usable[priority] + 1
-        q = ahead / lane.rate if ahead > 0 else 0.0
-        if q > 0:
-            continue
-        left = remaining_ms - q - (lane.overhead + prompt_tokens * lane.prefill_per_token)
-        tokens = math.floor(left / lane.itl_next) if left > 0 else 0
-        if tokens > best_tokens:
-            best_tokens, best_lane = tokens, lane
+    for lane in free:
+        left = remaining_ms - (lane.overhead + prompt_tokens * lane.prefill_per_token)
+        if left > 0:
+            tokens = left / lane.itl_next
+            if tokens >= best_tokens + 1:
+                best_tokens, best_lane = math.floor(tokens), lane
+        elif best_tokens < 0:
+            best_tokens, best_lane = 0, lane
     if best_lane is None:
         return 0, None
     pick = predict(best_lane, priority, prompt_tokens, best_tokens, 0, Reason.DEGRADE_MAX_TOKENS)

@@ -157,7 +157,8 @@ class Policy:
         local_ok = not request.residency_zone or request.residency_zone == self._zone
         local = NO_CANDIDATES
         if local_ok and remaining > 0:
-            local = self._scan(target, request, tokens, remaining, now)
+            # A request that may be degraded also gets the free lanes DEGRADE by max_tokens needs.
+            local = self._scan(target, request, tokens, remaining, now, request.allow_degrade)
             if local.fits and local.pick is not None:
                 pick = local.pick
                 return self._serve(
@@ -181,7 +182,7 @@ class Policy:
                     return self._enqueue(request, target, local.pick, wait, remaining, now, commit)
                 queue_full = True
         if request.allow_degrade and remaining > 0:
-            degraded = self._degrade(fleet, request, target, max_out, remaining, now, commit)
+            degraded = self._degrade(fleet, request, target, local, max_out, remaining, now, commit)
             if degraded is not None:
                 return degraded
         reason, detail = shed_reason(local, queue_full, prio, remaining)
@@ -310,6 +311,7 @@ class Policy:
 
     def _resolve(self, fleet: FleetView, req: Request, commit: bool) -> Target:
         entry = self._sessions.get(req.session_id) if req.session_id else None
+        alias = fleet.is_alias(req.model)
         if (
             entry is not None
             and entry.requested == req.model
@@ -317,10 +319,9 @@ class Policy:
         ):
             model, version, replica, pinned = entry.model, entry.version, entry.replica, True
         else:
-            u = self._uniform(req, commit) if fleet.is_alias(req.model) else 0.0
+            u = self._uniform(req, commit) if alias else 0.0
             model, version = fleet.resolve(req.model, self._region, u)
             replica, pinned = "", False
-        alias = fleet.is_alias(req.model)
         info, model_info = fleet.versions[(model, version)], fleet.models[model]
         return Target(req.model, model, version, info, model_info, alias, pinned, replica)
 
@@ -366,7 +367,13 @@ class Policy:
         return lanes
 
     def _scan(
-        self, target: Target, req: Request, tokens: int, remaining: float, now: float
+        self,
+        target: Target,
+        req: Request,
+        tokens: int,
+        remaining: float,
+        now: float,
+        degrade: bool = False,
     ) -> Scan:
         lanes = self._candidates(target, req)
         if not lanes:
@@ -384,7 +391,7 @@ class Policy:
         return scan(
             lanes, now, now - cfg.stale_after_s, slot_class(req.priority, req.hops),
             req.prompt_tokens, tokens,
-            remaining, cfg.epsilon, holders, cached, session_lane,
+            remaining, cfg.epsilon, holders, cached, session_lane, degrade,
         )  # fmt: skip
 
     def _serve(
@@ -461,23 +468,22 @@ class Policy:
         return queue_decision(self._region, pick, wait_ms, remaining)
 
     def _degrade(
-        self, fleet: FleetView, req: Request, target: Target, max_out: int, remaining: float,
-        now: float, commit: bool,
+        self, fleet: FleetView, req: Request, target: Target, local: Scan, max_out: int,
+        remaining: float, now: float, commit: bool,
     ) -> Decision | None:  # fmt: skip
+        """``local``: the scan of ``target`` made with ``degrade=True``."""
         fb = fallback_target(fleet, self._region, target, lambda: self._uniform(req, commit))
         if fb is not None:
             fb_max = output_tokens(self._cfg, req, fb.model_info)
             fb_tokens = planned_tokens(fb_max, self._ratio(fb))
-            local = self._scan(fb, req, fb_tokens, remaining, now)
-            if local.fits and local.pick is not None:
+            fb_scan = self._scan(fb, req, fb_tokens, remaining, now)
+            if fb_scan.fits and fb_scan.pick is not None:
                 deg = Degrade(fallback_model=fb.model)
                 return self._serve(
-                    req, fb, local.pick, remaining, now, commit,
+                    req, fb, fb_scan.pick, remaining, now, commit,
                     Reason.DEGRADE_FALLBACK, fb_max, Action.DEGRADE, deg,
                 )  # fmt: skip
-        lanes = self._candidates(target, req)
-        ratio = self._ratio(target)
-        capped = capped_pick(lanes, self._cfg, req, max_out, ratio, remaining, now)
+        capped = capped_pick(local, self._cfg, req, max_out, self._ratio(target), remaining)
         if capped is None:
             return None
         return self._serve(

@@ -23,7 +23,7 @@ from spillgate.core.decision import (
 )
 from spillgate.core.errors import PolicyError
 from spillgate.core.fleet import FleetView, ModelInfo, VersionInfo
-from spillgate.core.lanes import Lane, slot_class
+from spillgate.core.lanes import slot_class
 from spillgate.core.output_ratio import capped_max_tokens
 from spillgate.core.overflow import NeighbourState
 from spillgate.core.placement import Pick, Scan, max_tokens_that_fit
@@ -124,28 +124,16 @@ def fallback_target(
 
 
 def capped_pick(
-    lanes: list[Lane],
-    cfg: PolicyConfig,
-    req: Request,
-    max_tokens: int,
-    ratio: float,
-    remaining: float,
-    now: float,
+    local: Scan, cfg: PolicyConfig, req: Request, max_tokens: int, ratio: float, remaining: float
 ) -> tuple[int, Pick] | None:
     """DEGRADE by max_tokens: (capped max_tokens, pick) when a shorter answer fits, else None.
 
-    The cap applies to the request's ``max_tokens`` (what the replica enforces): the largest
-    cap whose planned length, ``ceil(cap x ratio)``, finishes within the budget.
+    ``local`` is the scan of the request's own target made with ``degrade=True``. The cap
+    applies to the request's ``max_tokens`` (what the replica enforces): the largest cap
+    whose planned length, ``ceil(cap x ratio)``, finishes within the budget.
     """
-    fresh_after = now - cfg.stale_after_s
-    fit, pick = max_tokens_that_fit(
-        lanes,
-        now,
-        fresh_after,
-        slot_class(req.priority, req.hops),
-        req.prompt_tokens,
-        remaining,
-    )
+    priority = slot_class(req.priority, req.hops)
+    fit, pick = max_tokens_that_fit(local.free, priority, req.prompt_tokens, remaining)
     if pick is None:
         return None
     capped = capped_max_tokens(fit, ratio)
