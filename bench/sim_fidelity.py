@@ -46,7 +46,7 @@ from spillgate.sim.workload import SimRequest, TraceWorkload
 from spillgate.sim.world import World, policy_config
 from tests.fleet_helpers import apply, model, region, replica, start_admission, wait_serving
 from tests.test_registry_service import start_registry
-from tests.zero_proxy import Call, ZeroProxyClient
+from tests.zero_proxy import Call, TritonZeroProxy
 
 MODEL = "llm-small"
 # The replicas' engine (and the sim's): llm-small of replica/default.toml with fewer slots,
@@ -101,8 +101,8 @@ Timing = tuple[float, float, float, float]  # TTFT, e2e, Admit RPC, stream TTFT 
 NOT_SERVED: Timing = (math.nan, math.nan, math.nan, math.nan)
 
 
-async def admitted(client: ZeroProxyClient, call: Call, rid: str) -> Timing:
-    """Admit -> stream -> Release (like ZeroProxyClient.admitted); client-side TTFT and e2e,
+async def admitted(client: TritonZeroProxy, call: Call, rid: str) -> Timing:
+    """Admit -> stream -> Release (like TritonZeroProxy.admitted); client-side TTFT and e2e,
     and their parts: the Admit RPC and the stream's own TTFT (wall ms); NaN when not served."""
     start = time.monotonic()
     ctx = call.context(MODEL, rid)
@@ -134,7 +134,7 @@ async def replay(
     admission: str, reqs: list[SimRequest], prompts: list[str], speed: float
 ) -> list[Timing]:
     """Open loop: request i starts at its trace time / speed, whatever the others do."""
-    client = ZeroProxyClient(admission, MODEL, timeout=60.0)
+    client = TritonZeroProxy(admission, MODEL, timeout=60.0)
     # Warm the channels (first Admit, first stream per replica) outside the measurement.
     for k in range(8):
         await admitted(client, Call(f"warm {k} " + " ".join(WORDS[:32]), 4), f"warm-{k}")

@@ -31,7 +31,7 @@ from spillgate._proto import (
 from tests.conftest import ReplicaProcess, ServiceProcess, eventually, set_faults, start_replica
 from tests.test_admission_service import DIGEST, start_admission
 from tests.test_registry_service import Registry, start_registry
-from tests.zero_proxy import Call, Result, ZeroProxyClient, percentile, run_load
+from tests.zero_proxy import Call, Result, TritonZeroProxy, percentile, run_load
 
 MODEL = "llm-small"
 # Speed 2: a 16-token answer takes ~75 ms of wall time, long enough that routing (not the
@@ -197,7 +197,7 @@ async def test_skewed_load_admission_p99_beats_round_robin(
     calls = [Call(_question(rng, 100), 16) for _ in range(360)]
     warmup = [Call(_question(rng, 100), 16) for _ in range(24)]
     concurrency = 12
-    client = ZeroProxyClient(fleet.address)
+    client = TritonZeroProxy(fleet.address)
     endpoints = [r.grpc for r in fleet.replicas]
     try:
         # Warm-up (not measured, same for both arms): the admission learns each replica's
@@ -259,7 +259,7 @@ async def test_prefix_affinity_raises_cache_hits_over_random_without_raising_p99
     rng = random.Random(7)
     endpoints = [r.grpc for r in fleet.replicas]
     pick = random.Random(3)
-    client = ZeroProxyClient(fleet.address)
+    client = TritonZeroProxy(fleet.address)
     rounds: list[str] = []
     try:
         for r in range(3):
@@ -318,7 +318,7 @@ async def test_killed_replica_gets_no_new_requests_and_failures_are_released(
     victim, victim_id = fleet.replicas[0], fleet.ids[0]
     rng = random.Random(5)
     calls = [Call(_question(rng, 100), 32) for _ in range(400)]
-    client = ZeroProxyClient(fleet.address)
+    client = TritonZeroProxy(fleet.address)
     killed_at: list[float] = []
 
     async def send(i: int, call: Call) -> Result:
@@ -367,7 +367,7 @@ async def test_erroring_replica_with_fresh_metrics_is_cut_off_by_its_breaker(
     set_faults(bad, error_rate=1.0)
     rng = random.Random(9)
     calls = [Call(_question(rng, 100), 16) for _ in range(150)]
-    client = ZeroProxyClient(fleet.address)
+    client = TritonZeroProxy(fleet.address)
     try:
         results = await run_load(calls, 6, lambda _, c: client.admitted(c))
     finally:

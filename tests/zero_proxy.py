@@ -1,6 +1,8 @@
-"""A zero-proxy client for tests: Admit -> stream from the chosen replica -> Release.
+"""A bare zero-proxy client for tests and benches: Admit -> stream from the chosen replica
+with raw tritonclient -> Release (the product's client, which runs the gateway's whole
+request path, is `spillgate.zeroproxy.ZeroProxyClient`).
 
-`ZeroProxyClient.admitted` is what a mesh-aware caller does (DESIGN.md "Zero-proxy mode"):
+`TritonZeroProxy.admitted` is what a mesh-aware caller does (DESIGN.md "Zero-proxy mode"):
 ask the admission, stream the completion straight from the replica it picked with
 tritonclient.grpc.aio, then Release the ticket with the outcome and measured timings (an
 error on the replica is released as OUTCOME_ERROR, never dropped). `direct` streams to a
@@ -83,7 +85,7 @@ def _inputs(call: Call) -> list[InferInput]:
     return out
 
 
-class ZeroProxyClient:
+class TritonZeroProxy:
     """Admission stub plus one tritonclient per replica endpoint; `close()` closes them all."""
 
     def __init__(self, admission: str, model: str = "llm-small", timeout: float = 20.0) -> None:
