@@ -11,6 +11,11 @@ open loop by a zero-proxy client (Admit -> tritonclient stream from the chosen r
 Release), and the same trace runs through the simulator with a one-region World whose
 engine is the replicas' engine. Real wall times are converted to model time (x ``--speed``).
 Prints p50/p99 TTFT and end-to-end for both and the relative error of the simulator.
+
+The simulator also pays the per-request overhead of this stack that its engine does not
+model (the Admit RPC; the stream set-up beyond the engine's TTFT), drawn from a (p50, p90)
+fit. That fit comes from a second, independent trace run first on the same fleet, never
+from the trace being compared.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from tritonclient.utils import InferenceServerException
 from spillgate._proto import admission_pb2, common_pb2
 from spillgate.core.decision import Priority
 from spillgate.core.engine import EngineConfig
-from spillgate.sim.harness import LOCAL_STACK_ADMIT_MS, LOCAL_STACK_STREAM_MS, SimConfig, Simulator
+from spillgate.sim.harness import SimConfig, Simulator
 from spillgate.sim.scenarios import SCENARIOS
 from spillgate.sim.spillgate_router import SpillgateRouter
 from spillgate.sim.workload import SimRequest, TraceWorkload
@@ -153,9 +158,10 @@ async def replay(
 
 
 def real_run(
-    reqs: list[SimRequest], prompts: list[str], replicas: int, speed: float, tmp: Path
-) -> dict[str, list[float]]:
-    """TTFT and end-to-end (model ms) of every request through the real stack."""
+    traces: list[tuple[list[SimRequest], list[str]]], replicas: int, speed: float, tmp: Path
+) -> list[dict[str, list[float]]]:
+    """Per trace, one after the other on one real fleet: TTFT and end-to-end (model ms) of
+    every request, and the per-request overhead parts the engine does not model."""
     from tests.conftest import start_replica
 
     reg = start_registry(tmp / "registry.db")
@@ -176,10 +182,14 @@ def real_run(
         apply(reg.address, entities)
         wait_serving(adm.ready[0])
         time.sleep(1.0)  # let the admission scrape every replica once
-        results = asyncio.run(replay(adm.ready[0], reqs, prompts, speed))
+        runs = [asyncio.run(replay(adm.ready[0], reqs, prompts, speed)) for reqs, prompts in traces]
     finally:
         for p in reversed(procs):
             p.stop()
+    return [_timings(reqs, results, speed) for (reqs, _), results in zip(traces, runs, strict=True)]
+
+
+def _timings(reqs: list[SimRequest], results: list[Timing], speed: float) -> dict[str, list[float]]:
     ok = [(r, timing) for r, timing in zip(reqs, results, strict=True) if timing[1] == timing[1]]
     if len(ok) < len(results):
         log(f"{len(results) - len(ok)} real requests not served")
@@ -200,8 +210,15 @@ def engine_ttft(req: SimRequest) -> float:
     return ENGINE.ttft_overhead_ms + req.prompt_tokens * ENGINE.prefill_ms_per_token
 
 
-def sim_run(trace: Path, replicas: int, seed: int) -> dict[str, list[float]]:
-    """The same trace through the simulator, one region of ``replicas`` ENGINE replicas."""
+def sim_run(
+    trace: Path,
+    replicas: int,
+    seed: int,
+    admit_ms: tuple[float, float],
+    stream_ms: tuple[float, float],
+) -> dict[str, list[float]]:
+    """The same trace through the simulator, one region of ``replicas`` ENGINE replicas,
+    with the request-path overhead (p50, p90) given."""
     world = World(
         regions=("us",),
         gpus={"us": replicas},
@@ -218,7 +235,7 @@ def sim_run(trace: Path, replicas: int, seed: int) -> dict[str, list[float]]:
         world,
         scenario,
         SpillgateRouter(),
-        SimConfig(seed=seed, admit_ms=LOCAL_STACK_ADMIT_MS, stream_ms=LOCAL_STACK_STREAM_MS),
+        SimConfig(seed=seed, admit_ms=admit_ms, stream_ms=stream_ms),
         TraceWorkload(trace, budgets),
     )
     sim.run()
@@ -241,14 +258,20 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     reqs, prompts = make_trace(args.requests, args.rate, args.seed)
+    # A second, independent trace run first on the same fleet calibrates the overhead the
+    # engine does not model (it moves with the machine's load), so the compared trace is
+    # never the one the constants came from.
+    calibration = make_trace(args.requests, args.rate, args.seed + 1000)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         trace = tmp / "trace.jsonl"
         trace.write_text("".join(json.dumps(r.to_json()) + "\n" for r in reqs))
-        log(f"real stack: {args.replicas} replicas, {args.requests} requests ...")
-        real = real_run(reqs, prompts, args.replicas, args.speed, tmp)
+        log(f"real stack: {args.replicas} replicas, 2 x {args.requests} requests ...")
+        calibrated, real = real_run([calibration, (reqs, prompts)], args.replicas, args.speed, tmp)
+        admit_ms = (pct(calibrated["admit"], 50), pct(calibrated["admit"], 90))
+        stream_ms = (pct(calibrated["stream"], 50), pct(calibrated["stream"], 90))
         log("simulator ...")
-        sim = sim_run(trace, args.replicas, args.seed)
+        sim = sim_run(trace, args.replicas, args.seed, admit_ms, stream_ms)
     rows = []
     for metric in ("ttft", "e2e"):
         for q in (50, 99):
@@ -265,12 +288,13 @@ def main() -> int:
     for row in rows:
         print(f"{row['metric']:14s} {row['real']:9.1f} {row['sim']:9.1f} {row['error_pct']:8.1f}")
     print(f"served: real {len(real['e2e'])}, sim {len(sim['e2e'])} of {args.requests}")
-    # The overhead parts as measured in this run, next to what the simulator draws from
-    # (SimConfig.admit_ms / stream_ms, set from this bench's runs).
+    # The overhead parts as measured on the compared trace, next to what the simulator drew
+    # from (calibrated on the other trace; `spillgate sim --local-overhead` uses the
+    # LOCAL_STACK_* medians of earlier runs instead).
     overhead = []
     for part, name, (sim50, sim90) in (
-        ("admit", "Admit RPC", LOCAL_STACK_ADMIT_MS),
-        ("stream", "stream set-up", LOCAL_STACK_STREAM_MS),
+        ("admit", "Admit RPC", admit_ms),
+        ("stream", "stream set-up", stream_ms),
     ):
         p50, p90, p99 = (pct(real[part], q) for q in (50, 90, 99))
         overhead.append(
@@ -284,7 +308,7 @@ def main() -> int:
         )
         print(
             f"{name} p50 / p90 / p99 ms: real {p50:.1f} / {p90:.1f} / {p99:.1f}, "
-            f"sim p50 / p90 {sim50:.1f} / {sim90:.1f}"
+            f"sim (calibrated) p50 / p90 {sim50:.1f} / {sim90:.1f}"
         )
     if args.json:
         out = {

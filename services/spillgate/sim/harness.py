@@ -62,8 +62,9 @@ class SimConfig:
 # The local stack's request-path overhead (gRPC and Python in client, admission and
 # replica simulator): medians over 10 runs of `make bench-sim-fidelity` (bench/sim_fidelity.py:
 # 300 requests each, Admit -> stream -> Release through 2 replica processes, all served) on
-# this project's 2-vCPU machine, 2026-11-23, load average 2.2-3.8. What the fidelity bench
-# and `spillgate sim --local-overhead` use; a production stack has its own.
+# this project's 2-vCPU machine, 2026-11-23, load average 2.2-3.8 (a quiet box measures about
+# half). What `spillgate sim --local-overhead` uses; the fidelity bench calibrates its own
+# from a separate trace in the same run; a production stack has its own.
 LOCAL_STACK_ADMIT_MS = (3.6, 8.6)
 LOCAL_STACK_STREAM_MS = (6.9, 16.2)
 
