@@ -61,13 +61,20 @@ def wait_serving(address: str) -> None:
 # -- registry entities -----------------------------------------------------------------------
 
 
-def region(id: str, admission: str, gateway: str = "", zone: str = "") -> registry_pb2.Entity:
+def region(
+    id: str,
+    admission: str,
+    gateway: str = "",
+    zone: str = "",
+    rtt: dict[str, float] | None = None,
+) -> registry_pb2.Entity:
     return registry_pb2.Entity(
         region=registry_pb2.Region(
             id=id,
             residency_zone=zone or id,
             admission_endpoint=admission,
             gateway_endpoint=gateway,
+            rtt_ms=rtt or {},
         )
     )
 

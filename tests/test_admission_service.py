@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,19 +17,15 @@ from spillgate._proto import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica, start_service
+from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica
+from tests.fleet_helpers import region, replica, start_admission
 from tests.test_registry_service import Registry, start_registry
 
-_READY = re.compile(r"spillgate admission ready grpc=(\S+) region=(\S+)")
+LLM_SMALL = (("llm-small", "v1"),)
 DIGEST = "sha256:" + "cd" * 32
 SERVE = common_pb2.ACTION_SERVE
 OVERFLOW = common_pb2.ACTION_OVERFLOW
 SHED = common_pb2.ACTION_SHED
-
-
-def start_admission(region: str, registry: str) -> ServiceProcess:
-    args = ["spillgate.admission.app", "--region", region, "--registry", registry, "--port", "0"]
-    return start_service(args, _READY)
 
 
 @dataclass
@@ -53,29 +48,6 @@ class World:
             channel.close()
 
 
-def _region(id: str, zone: str, rtt: dict[str, float], admission: str) -> registry_pb2.Entity:
-    return registry_pb2.Entity(
-        region=registry_pb2.Region(
-            id=id, residency_zone=zone, rtt_ms=rtt, admission_endpoint=admission
-        )
-    )
-
-
-def _replica(id: str, region: str, rp: ReplicaProcess) -> registry_pb2.Entity:
-    return registry_pb2.Entity(
-        replica=registry_pb2.Replica(
-            id=id,
-            region=region,
-            pool="default",
-            endpoint=rp.grpc,
-            metrics_endpoint=f"http://{rp.metrics}/metrics",
-            backend=common_pb2.BACKEND_KIND_SIMULATOR,
-            loaded=[common_pb2.VersionRef(model="llm-small", version="v1")],
-            state=common_pb2.REPLICA_STATE_READY,
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     registry = start_registry(tmp_path_factory.mktemp("admission") / "registry.db")
@@ -83,8 +55,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     us = start_admission("us", registry.address)
     eu = start_admission("eu", registry.address)
     entities = [
-        _region("us", "us", {"eu": 80.0}, us.ready[0]),
-        _region("eu", "eu", {"us": 80.0}, eu.ready[0]),
+        region("us", us.ready[0], rtt={"eu": 80.0}),
+        region("eu", eu.ready[0], rtt={"us": 80.0}),
         registry_pb2.Entity(
             model=registry_pb2.Model(
                 id="llm-small",
@@ -109,9 +81,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 ),
             )
         ),
-        _replica("us-0", "us", replicas[0]),
-        _replica("us-1", "us", replicas[1]),
-        _replica("eu-0", "eu", replicas[2]),
+        replica("us-0", "us", replicas[0], LLM_SMALL),
+        replica("us-1", "us", replicas[1], LLM_SMALL),
+        replica("eu-0", "eu", replicas[2], LLM_SMALL),
     ]
     with grpc.insecure_channel(registry.address) as channel:
         registry_pb2_grpc.RegistryServiceStub(channel).Apply(
