@@ -42,9 +42,9 @@ from typing import Any
 import grpc
 from _arms import Sample, measure, other_load_line, wait_served
 from _common import command_line, log, machine, stop_on_sigterm
-from gateway_overhead import ALIAS, CONFIG_TOML, LLM, PROMPT, entities, service
+from gateway_overhead import ALIAS, LLM, PROMPT, start_fleet
 
-from spillgate._proto import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
+from spillgate._proto import gateway_pb2, gateway_pb2_grpc, registry_pb2
 from spillgate.controlplane.ads import start_server
 from spillgate.controlplane.cache import SnapshotCache
 from spillgate.controlplane.envoy import Bootstrap, EnvoyError, EnvoyProcess, free_port
@@ -214,55 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="spillgate-envoy-bench-") as tmp,
         contextlib.ExitStack() as st,
     ):
-        config = Path(tmp) / "replica.toml"
-        config.write_text(CONFIG_TOML.format(llm=LLM))
         try:
-            registry = st.enter_context(
-                service(
-                    ["-m", "spillgate.registry.app", "--db", f"{tmp}/r.db", "--port", "0"],
-                    r"registry ready grpc=(\S+)",
-                )
-            )
-            replica = st.enter_context(
-                service(
-                    ["-m", "spillgate.cli", "replica", "--grpc-port", "0", "--metrics-port", "0",
-                     "--host", "127.0.0.1", "--speed", f"{args.speed:g}", "--config", str(config)],
-                    r"replica ready grpc=(\S+) metrics=(\S+)",
-                )
-            )  # fmt: skip
-            reg = registry.ready[0]
-            admission = st.enter_context(
-                service(
-                    ["-m", "spillgate.admission.app", "--region", "us", "--registry", reg,
-                     "--port", "0", "--log-level", "WARNING"],
-                    r"admission ready grpc=(\S+)",
-                )
-            )  # fmt: skip
-            gateway = st.enter_context(
-                service(
-                    ["-m", "spillgate.gateway.app", "--region", "us", "--registry", reg,
-                     "--admission", admission.ready[0], "--port", "0", "--http-port", "-1",
-                     "--log-level", "WARNING"],
-                    r"gateway ready grpc=(\S+)",
-                )
-            )  # fmt: skip
-            fleet = entities(admission.ready[0], gateway.ready[0], [replica])
-            with grpc.insecure_channel(reg) as channel:
-                registry_pb2_grpc.RegistryServiceStub(channel).Apply(
-                    registry_pb2.ApplyRequest(
-                        mutations=[registry_pb2.Mutation(put=e) for e in fleet]
-                    )
-                )
-            pids = {
-                "gateway": gateway.proc.pid,
-                "admission": admission.proc.pid,
-                "replica": replica.proc.pid,
-                "registry": registry.proc.pid,
-                "client": os.getpid(),
-            }
+            f = start_fleet(st, tmp, 1, args.speed, http=False)
+            fleet, pids = f.entities, f.pids()
             budget = 120 + len(args.concurrency) * 4 * (args.requests + args.chat_requests)
             results = asyncio.run(
-                asyncio.wait_for(run(args, fleet, gateway.ready[0], pids, Path(tmp)), budget)
+                asyncio.wait_for(run(args, fleet, f.gateway.ready[0], pids, Path(tmp)), budget)
             )
         except (KeyboardInterrupt, asyncio.CancelledError):
             log("interrupted: stopping the fleet")

@@ -191,6 +191,72 @@ def entities(admission: str, gateway: str, replicas: list[Service]) -> list[regi
     return out
 
 
+@dataclass
+class BenchFleet:
+    """The benchmark's region `us`: registry, replica simulators, admission, gateway."""
+
+    registry: Service
+    replicas: list[Service]
+    admission: Service
+    gateway: Service
+    entities: list[registry_pb2.Entity]
+
+    def pids(self) -> dict[str, int]:
+        """Process name -> pid, this benchmark's own process included (as `client`)."""
+        return {
+            "gateway": self.gateway.proc.pid,
+            "admission": self.admission.proc.pid,
+            "registry": self.registry.proc.pid,
+            "client": os.getpid(),
+            **{f"replica{i}": r.proc.pid for i, r in enumerate(self.replicas)},
+        }
+
+
+def start_fleet(
+    st: contextlib.ExitStack, tmp: str, replicas: int, speed: float, http: bool = True,
+    profile: Path | None = None,
+) -> BenchFleet:  # fmt: skip
+    """Start the fleet (stopped when `st` closes) and apply its registry entities."""
+    config = Path(tmp) / "replica.toml"
+    config.write_text(CONFIG_TOML.format(llm=LLM))
+    registry = st.enter_context(
+        service(
+            ["-m", "spillgate.registry.app", "--db", f"{tmp}/r.db", "--port", "0"],
+            r"registry ready grpc=(\S+)",
+        )
+    )
+    replica_args = ["-m", "spillgate.cli", "replica", "--grpc-port", "0",
+                    "--metrics-port", "0", "--host", "127.0.0.1", "--speed",
+                    f"{speed:g}", "--config", str(config)]  # fmt: skip
+    started = [
+        st.enter_context(service(replica_args, r"replica ready grpc=(\S+) metrics=(\S+)"))
+        for _ in range(replicas)
+    ]
+    reg = registry.ready[0]
+    admission = st.enter_context(
+        service(
+            ["-m", "spillgate.admission.app", "--region", "us", "--registry", reg,
+             "--port", "0", "--log-level", "WARNING"],
+            r"admission ready grpc=(\S+)",
+        )
+    )  # fmt: skip
+    gateway = st.enter_context(
+        service(
+            ["-m", "spillgate.gateway.app", "--region", "us", "--registry", reg,
+             "--admission", admission.ready[0], "--port", "0",
+             "--http-port", "0" if http else "-1", "--log-level", "WARNING"],
+            r"gateway ready grpc=(\S+) http=(\S+)",
+            profile=profile,
+        )
+    )  # fmt: skip
+    fleet = entities(admission.ready[0], gateway.ready[0], started)
+    with grpc.insecure_channel(reg) as channel:
+        registry_pb2_grpc.RegistryServiceStub(channel).Apply(
+            registry_pb2.ApplyRequest(mutations=[registry_pb2.Mutation(put=e) for e in fleet])
+        )
+    return BenchFleet(registry, started, admission, gateway, fleet)
+
+
 # -- the arms: one request each, (ttft_s, total_s, text pieces) ------------------------------
 
 
@@ -390,62 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="spillgate-bench-") as tmp,
         contextlib.ExitStack() as st,
     ):
-        config = Path(tmp) / "replica.toml"
-        config.write_text(CONFIG_TOML.format(llm=LLM))
         try:
-            registry = st.enter_context(
-                service(
-                    ["-m", "spillgate.registry.app", "--db", f"{tmp}/r.db", "--port", "0"],
-                    r"registry ready grpc=(\S+)",
-                )
-            )
-            replica_args = ["-m", "spillgate.cli", "replica", "--grpc-port", "0",
-                            "--metrics-port", "0", "--host", "127.0.0.1", "--speed",
-                            f"{args.speed:g}", "--config", str(config)]  # fmt: skip
-            replicas = [
-                st.enter_context(service(replica_args, r"replica ready grpc=(\S+) metrics=(\S+)"))
-                for _ in range(args.replicas)
-            ]
-            reg = registry.ready[0]
-            admission = st.enter_context(
-                service(
-                    ["-m", "spillgate.admission.app", "--region", "us", "--registry", reg,
-                     "--port", "0", "--log-level", "WARNING"],
-                    r"admission ready grpc=(\S+)",
-                )
-            )  # fmt: skip
-            gateway = st.enter_context(
-                service(
-                    ["-m", "spillgate.gateway.app", "--region", "us", "--registry", reg,
-                     "--admission", admission.ready[0], "--port", "0", "--http-port", "0",
-                     "--log-level", "WARNING"],
-                    r"gateway ready grpc=(\S+) http=(\S+)",
-                    profile=args.profile_gateway,
-                )
-            )  # fmt: skip
-            with grpc.insecure_channel(reg) as channel:
-                registry_pb2_grpc.RegistryServiceStub(channel).Apply(
-                    registry_pb2.ApplyRequest(
-                        mutations=[
-                            registry_pb2.Mutation(put=e)
-                            for e in entities(admission.ready[0], gateway.ready[0], replicas)
-                        ]
-                    )
-                )
+            f = start_fleet(st, tmp, args.replicas, args.speed, profile=args.profile_gateway)
             addr = {
-                "replica": replicas[0].ready[0],
-                "gateway": gateway.ready[0],
-                "http": gateway.ready[1],
-                "admission": admission.ready[0],
-                "registry": reg,
+                "replica": f.replicas[0].ready[0],
+                "gateway": f.gateway.ready[0],
+                "http": f.gateway.ready[1],
+                "admission": f.admission.ready[0],
+                "registry": f.registry.ready[0],
             }
-            pids = {
-                "gateway": gateway.proc.pid,
-                "admission": admission.proc.pid,
-                "registry": registry.proc.pid,
-                "client": os.getpid(),
-                **{f"replica{i}": r.proc.pid for i, r in enumerate(replicas)},
-            }
+            pids = f.pids()
             results = asyncio.run(asyncio.wait_for(run(args, addr, pids), budget))
         except (KeyboardInterrupt, asyncio.CancelledError):
             log("interrupted: stopping the fleet")
