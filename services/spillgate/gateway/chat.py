@@ -306,17 +306,12 @@ class Gateway:
             del self._ticket_routes[next(iter(self._ticket_routes))]
         self._ticket_routes[ticket] = metadata
 
-    async def release(
+    def release(
         self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
     ) -> None:
         """Give an admitted slot back. The Release RPC runs in the background, off the
         response path, and outlives a cancelled caller; `close()` waits for pending ones.
         Never raises (a lost Release heals when the ticket's lease expires)."""
-        self._release(ticket, outcome, ttft_ms, total_ms, usage)
-
-    def _release(
-        self, ticket: str, outcome: Any, ttft_ms: float, total_ms: float, usage: common_pb2.Usage
-    ) -> None:
         request = admission_pb2.ReleaseRequest(
             ticket_id=ticket, outcome=outcome, usage=usage, ttft_ms=ttft_ms, total_ms=total_ms
         )
@@ -420,7 +415,7 @@ class Gateway:
                 renewing.cancel()
             total_ms = (self._clock() - start) * 1000
             if decision.ticket.id:
-                self._release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
+                self.release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
 
     def _keep_renewed(self, ticket: common_pb2.Ticket) -> asyncio.Task[None]:
         """Renew the ticket's lease every third of it while the stream runs, so a long

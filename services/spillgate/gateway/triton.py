@@ -623,7 +623,7 @@ class TritonPassthrough(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             call.cancel()
             if decision.ticket.id:
                 total_ms = (time.monotonic() - start) * 1000
-                await self.gateway.release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
+                self.gateway.release(decision.ticket.id, outcome, ttft_ms, total_ms, usage)
 
     async def _overflow(
         self,
