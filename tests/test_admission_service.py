@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ from spillgate._proto import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica
+from spillgate.admission.peers import Peers, PeersConfig
+from tests.conftest import ReplicaProcess, ServiceProcess, eventually, start_replica, until
 from tests.fleet_helpers import region, replica, start_admission
 from tests.test_registry_service import Registry, start_registry
 
@@ -284,3 +286,26 @@ def test_region_summary_counts_shed_requests(world: World) -> None:
     d = stub.Admit(admission_pb2.AdmitRequest(context=ctx(residency_zone="us", hops=1))).decision
     assert d.action == SHED and d.reason == "residency"
     assert shed_total() == before + 1
+
+
+async def test_peers_fail_over_to_the_regions_next_admission_instance(world: World) -> None:
+    """A region with several admission instances: when the first one listed does not
+    answer, the subscription moves on to the next and summaries keep coming."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    got: list[common_pb2.RegionSummary] = []
+    failures: list[str] = []
+    peers = Peers(
+        "us",
+        got.append,
+        PeersConfig(interval_ms=50, backoff_initial_s=0.05, backoff_max_s=0.1),
+        on_failure=failures.append,
+    )
+    try:
+        peers.set_targets({"eu": [dead, world.eu.ready[0]]})
+        await until(lambda: got)
+        assert got[0].region == "eu" and failures == ["eu"]  # the dead one, once
+        assert peers.connected["eu"]
+    finally:
+        await peers.close()
