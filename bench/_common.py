@@ -52,3 +52,20 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _terminate)
+
+
+def begin() -> tuple[dict[str, Any], str]:
+    """A benchmark's start: SIGTERM stops it cleanly, the machine goes to the progress log.
+    Returns (machine(), command_line()) for the report's header."""
+    stop_on_sigterm()
+    info = machine()
+    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    return info, command_line()
+
+
+def header(info: dict[str, Any], cmd: str) -> str:
+    """The report's first two lines: what it was measured on, and the command."""
+    return (
+        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"grpcio {info['grpcio']}, {info['platform']}\nCommand: `{cmd}`"
+    )

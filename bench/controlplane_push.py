@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _common import command_line, log, machine, stop_on_sigterm
+from _arms import cpu_seconds, machine_busy_seconds
+from _common import begin, header, log
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy_overhead import child_pid
-from gateway_overhead import cpu_seconds, machine_busy_seconds
 
 from spillgate._proto import common_pb2, registry_pb2
 from spillgate.controlplane.ads import start_server
@@ -361,10 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_sigterm()
-    info = machine()
-    cmd = command_line()
-    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    info, cmd = begin()
     with tempfile.TemporaryDirectory(prefix="spillgate-push-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
@@ -378,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("Envoy log (tail):\n" + bench.envoy.log_text()[-3000:])
             return 1
     results = {n: r.summary() for n, r in raw.items()}
-    print(
-        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"grpcio {info['grpcio']}, {info['platform']}"
-    )
-    print(f"Command: `{cmd}`")
+    print(header(info, cmd))
     print(
         f"One Envoy (mesh-us, --concurrency 2) on the in-process ADS server; regions us/eu/apac, "
         f"N synthetic us replicas; {args.pushes} timed pushes per size ({args.warmup} warm-up), "

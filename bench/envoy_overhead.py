@@ -41,7 +41,7 @@ from typing import Any
 
 import grpc
 from _arms import Sample, measure, other_load_line, wait_served
-from _common import command_line, log, machine, stop_on_sigterm
+from _common import begin, header, log
 from gateway_overhead import ALIAS, LLM, PROMPT, start_fleet
 
 from spillgate._proto import gateway_pb2, gateway_pb2_grpc, registry_pb2
@@ -206,10 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_sigterm()
-    info = machine()
-    cmd = command_line()
-    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    info, cmd = begin()
     with (
         tempfile.TemporaryDirectory(prefix="spillgate-envoy-bench-") as tmp,
         contextlib.ExitStack() as st,
@@ -227,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, TimeoutError, OSError, EnvoyError, grpc.RpcError) as exc:
             log(f"envoy_overhead: {exc or type(exc).__name__}")
             return 1
-    print(
-        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"grpcio {info['grpcio']}, {info['platform']}"
-    )
-    print(f"Command: `{cmd}`")
+    print(header(info, cmd))
     print(
         f"Fleet: registry, 1 replica (`{LLM}` 1 ms TTFT/ITL, --speed {args.speed:g}), "
         f"admission, gateway of `us`; ingress Envoy (--concurrency 2) configured by the "

@@ -52,7 +52,7 @@ import grpc
 import httpx
 import tritonclient.grpc.aio as triton
 from _arms import Sample, measure, other_load_line, wait_served
-from _common import command_line, log, machine, stop_on_sigterm
+from _common import begin, header, log
 
 from spillgate._proto import (
     common_pb2,
@@ -447,10 +447,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_sigterm()
-    info = machine()
-    cmd = command_line()
-    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    info, cmd = begin()
     budget = 60 + len(args.concurrency) * (4 * args.requests * args.timeout / 100 + 60)
     with (
         tempfile.TemporaryDirectory(prefix="spillgate-bench-") as tmp,
@@ -479,11 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"gateway profile written to {args.profile_gateway}; top 30 by own time:")
         stats = pstats.Stats(str(args.profile_gateway), stream=sys.stderr)
         stats.sort_stats("tottime").print_stats(30)
-    print(
-        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"grpcio {info['grpcio']}, {info['platform']}"
-    )
-    print(f"Command: `{cmd}`")
+    print(header(info, cmd))
     print(
         f"Fleet: registry, {args.replicas} replica(s) (`{LLM}` 1 ms TTFT/ITL, --speed "
         f"{args.speed:g}), admission, gateway; {args.max_tokens} tokens per answer; "

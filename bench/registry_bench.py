@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _common import command_line, log, machine, stop_on_sigterm
+from _common import begin, header, log
 from google.protobuf import timestamp_pb2
 
 from spillgate._proto import common_pb2, registry_pb2, registry_pb2_grpc
@@ -542,10 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_sigterm()
-    info = machine()
-    cmd = command_line()
-    log(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    info, cmd = begin()
     registry: Registry | None = None
     with tempfile.TemporaryDirectory(prefix="spillgate-registry-bench-") as tmp:
         db = Path(tmp) / "registry.db"
@@ -573,11 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                     for s, handler in old.items():
                         signal.signal(s, handler)
                 log(f"registry stopped (exit code {code})")
-    print(
-        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"grpcio {info['grpcio']}, {info['platform']}"
-    )
-    print(f"Command: `{cmd}`")
+    print(header(info, cmd))
     print(
         f"Registry: SQLite store (WAL, synchronous=FULL) in {tempfile.gettempdir()}; "
         f"{args.regions} regions x {args.replicas_per_region:,} replicas; client grpc.aio, "

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import command_line, log, machine, stop_on_sigterm
+from _common import begin, header, log
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "llm-bench"
@@ -644,9 +644,7 @@ async def _measure(args: argparse.Namespace, replica: Replica, deadline: float) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_sigterm()
-    info = machine()
-    cmd = command_line()
+    info, cmd = begin()
     log(
         f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
         f"grpcio {info['grpcio']}"
@@ -687,11 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = pstats.Stats(str(args.profile_server), stream=sys.stderr)
         stats.sort_stats("tottime").print_stats(25)
     report = table(results, args)
-    print(
-        f"Machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"grpcio {info['grpcio']}, {info['platform']}"
-    )
-    print(f"Command: `{cmd}`")
+    print(header(info, cmd))
     print(
         f"Replica: --speed {args.speed:g}, `{LLM}` jitter 0, max_num_seqs 256; client: "
         f"tritonclient.grpc.aio, {args.channels} channel(s), warmup {args.warmup:g} s, "

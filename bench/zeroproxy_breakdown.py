@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests/
 
-from _common import command_line, log, machine
+from _common import begin, header, log
 
 import spillgate.gateway.chat as chat_mod
 import spillgate.gateway.forward as forward
@@ -106,11 +106,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=300)
     args = p.parse_args()
+    info, cmd = begin()
     instrument()
     asyncio.run(run(args.requests))
-    m = machine()
-    print(f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}")
-    print(f"Command: `{command_line()}`\n")
+    print(header(info, cmd) + "\n")
     print("| step | p50 (ms) |\n|---|---:|")
     for step, values in TIMES.items():
         print(f"| {step} | {statistics.median(values):.3f} |")
