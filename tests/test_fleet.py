@@ -16,8 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from spillgate._proto import common_pb2
 from spillgate.fleet.spec import FleetSpecError, load_fleet_spec, parse_fleet_spec
 from spillgate.fleet.state import pid_alive
+from spillgate.fleet.status import merge_summaries
 from tests.conftest import ROOT, eventually
 
 REGISTRY_PART = """
@@ -129,6 +131,20 @@ def test_region_without_placement_is_refused() -> None:
     text = fleet_spec({"us": 1, "eu": 1}).replace('region = "eu"', 'region = "us"')
     with pytest.raises(FleetSpecError, match="region 'eu' runs 1 replica"):
         parse_fleet_spec(text)
+
+
+def test_status_adds_up_the_counters_of_a_regions_admission_instances() -> None:
+    def summary(shed: int, overflow_in: int, queue: int) -> common_pb2.RegionSummary:
+        return common_pb2.RegionSummary(
+            region="us", healthy_replicas=4, shed_total=shed, overflow_in_total=overflow_in,
+            overflow_out_total=1, queue_depth=queue,
+        )  # fmt: skip
+
+    merged = merge_summaries([summary(2, 5, 1), None, summary(3, 0, 4)])
+    assert merged is not None
+    assert (merged.shed_total, merged.overflow_in_total, merged.overflow_out_total) == (5, 5, 2)
+    assert merged.queue_depth == 5 and merged.healthy_replicas == 4  # scraped: not summed
+    assert merge_summaries([None, None]) is None  # no instance answered
 
 
 # -- processes ----------------------------------------------------------------------------
